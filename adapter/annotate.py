@@ -1,0 +1,198 @@
+"""Decision + Claim JSON -> annotated Claim JSON. Pure and idempotent.
+
+Everything the Claim had is kept. The G0129 lines are put in (an EHR line for the same date
+is updated in place, never deleted), the condition code and type of bill are added when known
+and absent, and the decision rides on the Claim as one extension under our canonical URL, with
+a `meta.tag` marking the Claim as annotated. Annotating twice with the same decision changes
+nothing. With no Claim yet, `draft_claim` makes an institutional draft whose id and identifier
+derive from the encounter, so a re-run never makes a second one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from typing import Any
+
+from .case import Case, codings
+from .decision import Decision, Line
+from .rules import G0129
+from .ruleset import RuleSet
+
+__all__ = [
+    "ANNOTATED_TAG",
+    "DECISION_EXTENSION",
+    "DRAFT_IDENTIFIER_SYSTEM",
+    "annotate",
+    "draft_claim",
+    "draft_claim_id",
+]
+
+CANONICAL = "https://g0129-adapter.org/fhir"
+DECISION_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-decision"
+TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
+ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
+DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
+G0129_DISPLAY = "Occupational therapy services in a PHP or IOP, per session (45 minutes or more)"
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+Resource = dict[str, Any]
+
+
+def draft_claim_id(encounter: str) -> str:
+    """A stable, valid FHIR id for the draft claim of an encounter ("Encounter/<id>")."""
+    candidate = "g0129-" + encounter.split("/")[-1]
+    if _ID.match(candidate):
+        return candidate
+    return "g0129-" + hashlib.sha256(encounter.encode()).hexdigest()[:32]
+
+
+def draft_claim(case: Case, rules: RuleSet) -> Resource:
+    """An institutional draft Claim for an encounter that has none yet."""
+    dates = [s.service_date for s in case.sessions if s.service_date] or [case.encounter_date]
+    created = next((d for d in dates if d), None)
+    claim: Resource = {
+        "resourceType": "Claim",
+        "id": draft_claim_id(case.encounter),
+        "identifier": [{"system": DRAFT_IDENTIFIER_SYSTEM, "value": case.encounter}],
+        "status": "draft",
+        "type": {"coding": [{"system": rules.system_uri("claim_type"), "code": "institutional"}]},
+        "use": "claim",
+        "patient": {"reference": case.patient} if case.patient else {"display": "Patient not recorded"},
+        "provider": {"reference": case.provider} if case.provider else {"display": "Provider not recorded"},
+        "priority": {"coding": [{"system": rules.system_uri("process_priority"), "code": "normal"}]},
+        "insurance": [
+            {
+                "sequence": 1,
+                "focal": True,
+                "coverage": {"reference": case.coverage} if case.coverage else {"display": "Coverage not recorded"},
+            }
+        ],
+    }
+    if created:
+        claim["created"] = created
+        claim["billablePeriod"] = {"start": min(d for d in dates if d), "end": max(d for d in dates if d)}
+    if case.diagnosis:
+        system = rules.system_uri(case.diagnosis.system) if case.diagnosis.system else None
+        coding = {"code": case.diagnosis.code} | ({"system": system} if system else {})
+        claim["diagnosis"] = [
+            {
+                "sequence": 1,
+                "diagnosisCodeableConcept": {"coding": [coding]},
+                "type": [{"coding": [{"system": rules.system_uri("diagnosis_type"), "code": "principal"}]}],
+            }
+        ]
+    return claim
+
+
+def _next_sequence(items: list[Any]) -> int:
+    return max((i.get("sequence", 0) for i in items if isinstance(i, dict) and isinstance(i.get("sequence"), int)), default=0) + 1
+
+
+def _is_g0129_item(item: Any, rules: RuleSet) -> bool:
+    return isinstance(item, dict) and any(
+        rules.system_key(s) == "hcpcs" and c == G0129 for s, c in codings(item.get("productOrService"))
+    )
+
+
+def _item_date(item: Resource) -> str | None:
+    date = item.get("servicedDate")
+    if isinstance(date, str):
+        return date[:10]
+    period = item.get("servicedPeriod")
+    if isinstance(period, dict) and isinstance(period.get("start"), str):
+        return str(period["start"])[:10]
+    return None
+
+
+def _revenue(code: str, rules: RuleSet) -> Resource:
+    return {"coding": [{"system": rules.system_uri("revenue"), "code": code}]}
+
+
+def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> None:
+    items = claim.setdefault("item", [])
+    for item in items:
+        if _is_g0129_item(item, rules) and _item_date(item) == line.service_date:
+            current = next((c for _, c in codings(item.get("revenue"))), None)
+            if current != line.revenue_code:
+                item["revenue"] = _revenue(line.revenue_code, rules)
+            quantity = item.get("quantity") if isinstance(item.get("quantity"), dict) else {}
+            if quantity.get("value") != line.units:
+                item["quantity"] = {**quantity, "value": line.units}
+            return
+    new: Resource = {
+        "sequence": _next_sequence(items),
+        "revenue": _revenue(line.revenue_code, rules),
+        "productOrService": {"coding": [{"system": rules.system_uri("hcpcs"), "code": G0129, "display": G0129_DISPLAY}]},
+    }
+    if line.modifiers:
+        new["modifier"] = [{"coding": [{"system": rules.system_uri("hcpcs"), "code": m}]} for m in line.modifiers]
+    new["servicedDate"] = line.service_date
+    new["quantity"] = {"value": line.units}
+    new["encounter"] = [{"reference": encounter}]
+    items.append(new)
+
+
+def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, rules: RuleSet) -> None:
+    infos = claim.setdefault("supportingInfo", [])
+    for info in infos:
+        if isinstance(info, dict) and any(rules.system_key(s) == system_key for s, _ in codings(info.get("code"))):
+            return
+    infos.append(
+        {
+            "sequence": _next_sequence(infos),
+            "category": category,
+            "code": {"coding": [{"system": rules.system_uri(system_key), "code": code}]},
+        }
+    )
+
+
+def _condition_code(claim: Resource, program: str, rules: RuleSet) -> None:
+    code = next(c for c, p in rules.claim_condition_codes.items() if p == program)
+    category = {"coding": [{"system": rules.system_uri("supporting_info_category"), "code": "info"}]}
+    _put_supporting_info(claim, category, "condition_code", code, rules)
+
+
+def _type_of_bill(claim: Resource, rules: RuleSet) -> None:
+    """Copy a type of bill found only in Claim.subType to the CARIN-style supportingInfo slot."""
+    has_slot = any(
+        isinstance(i, dict) and any(c == "typeofbill" for _, c in codings(i.get("category")))
+        for i in claim.get("supportingInfo") or ()
+    )
+    if has_slot:
+        return
+    tob = next((c for s, c in codings(claim.get("subType")) if rules.system_key(s) == "bill_type"), None)
+    if tob:
+        category = {"coding": [{"system": rules.system_uri("carin_supporting_info"), "code": "typeofbill"}]}
+        _put_supporting_info(claim, category, "bill_type", tob, rules)
+
+
+def _decision_extension(decision: Decision) -> Resource:
+    parts: list[Resource] = [{"url": "outcome", "valueCode": decision.outcome}]
+    parts += [{"url": "rule", "valueCode": rule} for rule in decision.rule_ids]
+    parts.append({"url": "rulesetVersion", "valueString": decision.ruleset_version})
+    parts.append({"url": "encounter", "valueReference": {"reference": decision.encounter}})
+    return {"url": DECISION_EXTENSION, "extension": parts}
+
+
+def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
+    """The Claim with the decision written onto it. `claim` itself is left untouched.
+
+    Because this is idempotent, `annotate(c) == c` means the Claim already says everything the
+    decision says: a writer uses that to skip a write (and so never loops on its own writes).
+    """
+    out = copy.deepcopy(claim)
+    for line in decision.lines:
+        _put_line(out, line, decision.encounter, rules)
+    if decision.program:
+        _condition_code(out, decision.program, rules)
+    _type_of_bill(out, rules)
+    extensions = [e for e in out.get("extension") or () if not (isinstance(e, dict) and e.get("url") == DECISION_EXTENSION)]
+    extensions.append(_decision_extension(decision))
+    out["extension"] = extensions
+    meta = out.setdefault("meta", {})
+    tags = meta.setdefault("tag", [])
+    if not any(isinstance(t, dict) and t.get("system") == TAG_SYSTEM and t.get("code") == "annotated" for t in tags):
+        tags.append(dict(ANNOTATED_TAG))
+    return out

@@ -1,0 +1,597 @@
+"""One encounter's worth of billing facts, normalised from the resources of a run.
+
+A Case is what the rules read, and all they read: program, OT sessions with their minutes and
+performers, the Claim and its lines, payer, principal diagnosis, type of bill, the other
+PHP/IOP services of each date and which documentation is on file. Building it is the only
+place that knows where those facts hide in FHIR (see corpus-notes.md for the real-world
+variety); the rules stay small and pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .ingest import Entry, Index
+from .ruleset import PayerPolicy, RuleSet
+
+__all__ = [
+    "CLAIM_ENCOUNTER_EXTENSION",
+    "Case",
+    "ClaimLine",
+    "Diagnosis",
+    "Performer",
+    "Service",
+    "Session",
+    "build_cases",
+    "codings",
+]
+
+Resource = dict[str, Any]
+Code = tuple[str, str]
+
+# R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this).
+CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
+
+
+@dataclass(frozen=True, slots=True)
+class Performer:
+    reference: str | None
+    discipline: str  # OT | OTA | other | unknown
+    taxonomy: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    procedure: str  # "Procedure/<id>"
+    status: str | None
+    start: str | None
+    end: str | None
+    minutes: float | None  # None when start or end is missing (or only a date)
+    service_date: str | None
+    performers: tuple[Performer, ...]
+    resource: Resource = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimLine:
+    index: int  # position in Claim.item
+    sequence: int | None
+    system: str | None  # system key of productOrService (hcpcs, cpt, ...)
+    code: str | None
+    revenue: str | None
+    quantity: float
+    service_date: str | None
+    modifiers: tuple[str, ...]
+    has_modifier_extension: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A PHP/IOP service on a date, other than the OT sessions themselves."""
+
+    service_date: str | None
+    code: Code
+    kind: str  # ot | activity | other
+    units: float
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    system: str | None
+    code: str
+    source: str  # where it was found, e.g. "Claim.diagnosis" or "Encounter.diagnosis"
+
+
+@dataclass(slots=True)
+class Case:
+    encounter: str  # "Encounter/<id>"
+    encounter_resource: Resource = field(repr=False)
+    patient: str | None
+    provider: str | None  # Encounter.serviceProvider
+    encounter_date: str | None
+    encounter_class: str | None
+    encounter_programs: frozenset[str]  # from Encounter/EpisodeOfCare codings
+    claim: Entry | None
+    claim_programs: frozenset[str]  # from condition codes 41/92 on the Claim
+    claim_lines: tuple[ClaimLine, ...]
+    sessions: tuple[Session, ...]
+    services: tuple[Service, ...]
+    payer: str
+    payer_name: str | None
+    payer_policy: PayerPolicy | None
+    coverage: str | None
+    diagnosis: Diagnosis | None
+    bill_type: str | None  # normalised, e.g. "131" or "871"
+    bill_type_source: str | None  # "supportingInfo" | "subType"
+    documentation: dict[str, bool]
+    unknown_modifier_extensions: tuple[str, ...] = ()
+
+    @property
+    def program(self) -> str | None:
+        """PHP, IOP or None. What the encounter says wins; the claim's code is checked against it."""
+        for programs in (self.encounter_programs, self.claim_programs):
+            if len(programs) == 1:
+                return next(iter(programs))
+        return None
+
+    @property
+    def claim_ref(self) -> str | None:
+        return self.claim.key if self.claim else None
+
+
+def codings(concept: Any) -> Iterator[tuple[str | None, str]]:
+    """(system, code) of each coding of a CodeableConcept; text-only concepts yield nothing."""
+    if not isinstance(concept, dict):
+        return
+    for coding in concept.get("coding") or ():
+        if isinstance(coding, dict):
+            code = coding.get("code")
+            if isinstance(code, str) and code:
+                yield coding.get("system"), code.strip()
+
+
+def _keyed(concept: Any, rules: RuleSet) -> Iterator[Code]:
+    for system, code in codings(concept):
+        yield (rules.system_key(system) or "", code)
+
+
+def _parse_instant(value: Any) -> datetime | None:
+    """A dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
+    if not isinstance(value, str) or "T" not in value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _minutes(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    if (start.tzinfo is None) != (end.tzinfo is None):
+        # FHIR requires a zone with a time; when only one side has it, compare clock times.
+        start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    return (end - start).total_seconds() / 60.0
+
+
+def _date_part(value: Any) -> str | None:
+    if isinstance(value, str) and len(value) >= 10:
+        return value[:10]
+    return None
+
+
+class _Builder:
+    def __init__(self, index: Index, rules: RuleSet) -> None:
+        self.index = index
+        self.rules = rules
+        self.hcpcs_g0129: Code = ("hcpcs", "G0129")
+        self._procedures_by_encounter: dict[str, list[Entry]] = {}
+        self._claims_by_encounter: dict[str, list[Entry]] = {}
+        self._by_patient: dict[tuple[str, str], list[Entry]] = {}
+        self._by_encounter: dict[tuple[str, str], list[Entry]] = {}
+        self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
+        self._group()
+
+    # -- indexing -----------------------------------------------------------------------------
+
+    def _key_of(self, reference: Any, context: Entry) -> str | None:
+        hit = self.index.resolve_entry(reference, context)
+        return hit.key if isinstance(hit, Entry) else None
+
+    def _group(self) -> None:
+        for proc in self.index.of_type("Procedure"):
+            enc = self._key_of(proc.resource.get("encounter"), proc)
+            if enc:
+                self._procedures_by_encounter.setdefault(enc, []).append(proc)
+        for claim in self.index.of_type("Claim"):
+            for enc in self._claim_encounters(claim):
+                bucket = self._claims_by_encounter.setdefault(enc, [])
+                if claim not in bucket:
+                    bucket.append(claim)
+        for rtype in self._doc_types:
+            for entry in self.index.of_type(rtype):
+                res = entry.resource
+                subject = res.get("subject") or res.get("patient")
+                patient = self._key_of(subject, entry)
+                if patient:
+                    self._by_patient.setdefault((rtype, patient), []).append(entry)
+                enc_refs = [res.get("encounter")]
+                context = res.get("context")
+                if isinstance(context, dict):
+                    enc_refs.extend(context.get("encounter") or ())
+                for ref in enc_refs:
+                    enc = self._key_of(ref, entry)
+                    if enc:
+                        self._by_encounter.setdefault((rtype, enc), []).append(entry)
+
+    def _claim_encounters(self, claim: Entry) -> Iterator[str]:
+        res = claim.resource
+        for ext in res.get("extension") or ():
+            if isinstance(ext, dict) and ext.get("url") == CLAIM_ENCOUNTER_EXTENSION:
+                key = self._key_of(ext.get("valueReference"), claim)
+                if key:
+                    yield key
+        for item in res.get("item") or ():
+            if isinstance(item, dict):
+                for ref in item.get("encounter") or ():
+                    key = self._key_of(ref, claim)
+                    if key:
+                        yield key
+
+    # -- facts ----------------------------------------------------------------------------------
+
+    def encounter_programs(self, enc: Entry) -> frozenset[str]:
+        res = enc.resource
+        concepts: list[Any] = list(res.get("type") or ())
+        concepts.append(res.get("serviceType"))
+        for ref in res.get("episodeOfCare") or ():
+            episode = self.index.resolve(ref, enc)
+            if episode:
+                concepts.extend(episode.get("type") or ())
+        found = set()
+        for concept in concepts:
+            for code in _keyed(concept, self.rules):
+                program = self.rules.program_codings.get(code)
+                if program:
+                    found.add(program)
+        return frozenset(found)
+
+    def claim_programs(self, claim: Entry) -> frozenset[str]:
+        found = set()
+        for info in claim.resource.get("supportingInfo") or ():
+            if not isinstance(info, dict):
+                continue
+            for system, code in _keyed(info.get("code"), self.rules):
+                if system == "condition_code" and code in self.rules.claim_condition_codes:
+                    found.add(self.rules.claim_condition_codes[code])
+        return frozenset(found)
+
+    def pick_claim(self, enc_key: str) -> Entry | None:
+        """The billing claim of the encounter: use=claim, not cancelled, newest first."""
+        candidates = [
+            c
+            for c in self._claims_by_encounter.get(enc_key, ())
+            if c.resource.get("use", "claim") == "claim"
+            and c.resource.get("status") not in ("cancelled", "entered-in-error")
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda c: str(c.resource.get("created") or ""))
+
+    def claim_lines(self, claim: Entry) -> tuple[ClaimLine, ...]:
+        lines = []
+        for n, item in enumerate(claim.resource.get("item") or ()):
+            if not isinstance(item, dict):
+                continue
+            product = next(
+                ((s, c) for s, c in _keyed(item.get("productOrService"), self.rules) if s in ("hcpcs", "cpt")),
+                next(_keyed(item.get("productOrService"), self.rules), (None, None)),
+            )
+            revenue = next((c for _, c in _keyed(item.get("revenue"), self.rules)), None)
+            quantity = item.get("quantity") or {}
+            value = quantity.get("value") if isinstance(quantity, dict) else None
+            period = item.get("servicedPeriod") or {}
+            date = _date_part(item.get("servicedDate")) or (
+                _date_part(period.get("start")) if isinstance(period, dict) else None
+            )
+            seq = item.get("sequence")
+            lines.append(
+                ClaimLine(
+                    index=n,
+                    sequence=seq if isinstance(seq, int) else None,
+                    system=product[0],
+                    code=product[1],
+                    revenue=revenue,
+                    quantity=float(value) if isinstance(value, (int, float)) else 1.0,
+                    service_date=date,
+                    modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
+                    has_modifier_extension=bool(item.get("modifierExtension")),
+                )
+            )
+        return tuple(lines)
+
+    def performer(self, ref: Any, context: Entry) -> Performer:
+        hit = self.index.resolve_entry(ref, context)
+        resource = hit.resource if isinstance(hit, Entry) else hit
+        label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
+        if not resource:
+            return Performer(label, "unknown", None)
+        concepts: list[Any] = []
+        if resource.get("resourceType") == "PractitionerRole":
+            concepts.extend(resource.get("code") or ())
+            concepts.extend(resource.get("specialty") or ())
+            owner = context if isinstance(hit, dict) else hit
+            practitioner = self.index.resolve(resource.get("practitioner"), owner)
+            if practitioner:
+                concepts.extend(q.get("code") for q in practitioner.get("qualification") or () if isinstance(q, dict))
+        else:
+            concepts.extend(q.get("code") for q in resource.get("qualification") or () if isinstance(q, dict))
+        taxonomies = [c for concept in concepts for s, c in _keyed(concept, self.rules) if s == self.rules.performer_system]
+        for prefixes, discipline in ((self.rules.ot_prefixes, "OT"), (self.rules.ota_prefixes, "OTA")):
+            for taxonomy in taxonomies:
+                if taxonomy.startswith(prefixes):
+                    return Performer(label, discipline, taxonomy)
+        if taxonomies:
+            return Performer(label, "other", taxonomies[0])
+        return Performer(label, "unknown", None)
+
+    def sessions(self, enc_key: str, encounter_date: str | None) -> tuple[Session, ...]:
+        sessions = []
+        for proc in self._procedures_by_encounter.get(enc_key, ()):
+            res = proc.resource
+            if not any(code in self.rules.ot_codes for code in _keyed(res.get("code"), self.rules)):
+                continue
+            status = res.get("status")
+            if status in self.rules.excluded_session_statuses:
+                continue
+            period = res.get("performedPeriod") if isinstance(res.get("performedPeriod"), dict) else {}
+            start_s = period.get("start") or res.get("performedDateTime")
+            end_s = period.get("end")
+            start, end = _parse_instant(start_s), _parse_instant(end_s)
+            performers = tuple(
+                self.performer(p.get("actor"), proc) for p in res.get("performer") or () if isinstance(p, dict)
+            )
+            sessions.append(
+                Session(
+                    procedure=proc.key,
+                    status=status,
+                    start=start_s if start else None,
+                    end=end_s if end else None,
+                    minutes=_minutes(start, end),
+                    service_date=_date_part(start_s) or encounter_date,
+                    performers=performers,
+                    resource=res,
+                )
+            )
+        sessions.sort(key=lambda s: (s.start or "", s.procedure))
+        return tuple(sessions)
+
+    def services(self, enc_key: str, claim_lines: tuple[ClaimLine, ...], has_claim: bool, default_date: str | None) -> tuple[Service, ...]:
+        """The other PHP/IOP services of the encounter's dates (G0129 itself is counted from sessions)."""
+        out = []
+        if has_claim:
+            for line in claim_lines:
+                code = (line.system or "", line.code or "")
+                kind = self.rules.services.get(code)
+                if kind and code != self.hcpcs_g0129:
+                    out.append(Service(line.service_date or default_date, code, kind, line.quantity))
+            return tuple(out)
+        for proc in self._procedures_by_encounter.get(enc_key, ()):
+            res = proc.resource
+            if res.get("status") in self.rules.excluded_session_statuses:
+                continue
+            codes = list(_keyed(res.get("code"), self.rules))
+            if any(code in self.rules.ot_codes for code in codes):
+                continue
+            for code in codes:
+                kind = self.rules.services.get(code)
+                if kind:
+                    period = res.get("performedPeriod") if isinstance(res.get("performedPeriod"), dict) else {}
+                    date = _date_part(period.get("start") or res.get("performedDateTime")) or default_date
+                    out.append(Service(date, code, kind, 1.0))
+                    break
+        return tuple(out)
+
+    def coverage(self, claim: Entry | None, patient: str | None, date: str | None) -> tuple[str | None, Resource | None, Entry | None]:
+        if claim is not None:
+            insurance = [i for i in claim.resource.get("insurance") or () if isinstance(i, dict)]
+            focal = [i for i in insurance if i.get("focal")] or insurance
+            for item in focal:
+                hit = self.index.resolve_entry(item.get("coverage"), claim)
+                if isinstance(hit, Entry):
+                    return hit.key, hit.resource, hit
+                if isinstance(hit, dict):
+                    return f"{claim.key}#{hit.get('id')}", hit, claim
+        if patient is None:
+            return None, None, None
+        candidates = []
+        for cov in self.index.of_type("Coverage"):
+            res = cov.resource
+            if res.get("status") != "active" or self._key_of(res.get("beneficiary"), cov) != patient:
+                continue
+            period = res.get("period") or {}
+            if date and isinstance(period, dict):
+                if (period.get("start") and str(period["start"])[:10] > date) or (
+                    period.get("end") and str(period["end"])[:10] < date
+                ):
+                    continue
+            order = res.get("order")
+            candidates.append((order if isinstance(order, int) else 999, cov.key, cov))
+        if not candidates:
+            return None, None, None
+        _, key, cov = min(candidates, key=lambda c: (c[0], c[1]))
+        return key, cov.resource, cov
+
+    def payer(self, coverage: Resource | None, context: Entry | None) -> tuple[str, str | None, PayerPolicy | None]:
+        if coverage is None:
+            return "unknown", None, None
+        sopt = {c for s, c in (code for concept in [coverage.get("type")] for code in _keyed(concept, self.rules)) if s == "sopt"}
+        names: list[str] = []
+        identifiers: set[str] = set()
+        for ref in coverage.get("payor") or ():
+            if not isinstance(ref, dict):
+                continue
+            org = self.index.resolve(ref, context) if context else None
+            if org and org.get("resourceType") == "Organization":
+                if org.get("name"):
+                    names.append(str(org["name"]))
+                names.extend(str(a) for a in org.get("alias") or ())
+                identifiers.update(str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict))
+            if ref.get("display"):
+                names.append(str(ref["display"]))
+            ident = ref.get("identifier")
+            if isinstance(ident, dict) and ident.get("value"):
+                identifiers.add(str(ident["value"]))
+        lowered = [n.lower() for n in names]
+        best: tuple[int, PayerPolicy | None] = (0, None)
+        for policy in self.rules.payers:
+            score = 0
+            if identifiers & policy.identifiers:
+                score = 3
+            elif any(needle in name for needle in policy.names for name in lowered):
+                score = 2
+            elif sopt & policy.sopt_codes:
+                score = 1
+            if score > best[0]:
+                best = (score, policy)
+        display = names[0] if names else None
+        if best[1] is None:
+            return "unknown", display, None
+        return best[1].key, display or best[1].name, best[1]
+
+    def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
+        if claim is not None:
+            for dx in claim.resource.get("diagnosis") or ():
+                if not isinstance(dx, dict):
+                    continue
+                types = {code for concept in dx.get("type") or () for code in _keyed(concept, self.rules)}
+                if ("diagnosis_type", "principal") in types:
+                    concept = dx.get("diagnosisCodeableConcept")
+                    if concept is None:
+                        condition = self.index.resolve(dx.get("diagnosisReference"), claim)
+                        concept = condition.get("code") if condition else None
+                    found = self._pick_dx(concept, "Claim.diagnosis")
+                    if found:
+                        return found
+        diagnoses = [d for d in enc.resource.get("diagnosis") or () if isinstance(d, dict)]
+        ranked = [d for d in diagnoses if d.get("rank") == 1] or (diagnoses if len(diagnoses) == 1 else [])
+        for dx in ranked:
+            condition = self.index.resolve(dx.get("condition"), enc)
+            if condition:
+                found = self._pick_dx(condition.get("code"), "Encounter.diagnosis")
+                if found:
+                    return found
+        return None
+
+    def _pick_dx(self, concept: Any, source: str) -> Diagnosis | None:
+        codes = list(_keyed(concept, self.rules))
+        if not codes:
+            return None
+        system, code = next(((s, c) for s, c in codes if s == "icd10cm"), codes[0])
+        return Diagnosis(system or None, code, source)
+
+    def bill_type(self, claim: Entry | None) -> tuple[str | None, str | None]:
+        if claim is None:
+            return None, None
+        res = claim.resource
+        for info in res.get("supportingInfo") or ():
+            if isinstance(info, dict) and any(c == "typeofbill" for _, c in codings(info.get("category"))):
+                for _, code in codings(info.get("code")):
+                    return _normalise_tob(code), "supportingInfo"
+        for system, code in _keyed(res.get("subType"), self.rules):
+            if system == "bill_type":
+                return _normalise_tob(code), "subType"
+        return None, None
+
+    def documentation(self, enc_key: str, patient: str | None, sessions: tuple[Session, ...]) -> dict[str, bool]:
+        present = {}
+        for element in self.rules.documentation:
+            ok = False
+            for ev in element.evidence:
+                if ev.kind == "session":
+                    ok = bool(sessions) and all(_has_path(s.resource, ev.path) for s in sessions)
+                elif ev.kind == "performers_credentialed":
+                    ok = bool(sessions) and all(
+                        s.performers and all(p.discipline in ("OT", "OTA") for p in s.performers) for s in sessions
+                    )
+                else:
+                    key = (ev.resource_type, enc_key if ev.link == "encounter" else (patient or ""))
+                    pool = (self._by_encounter if ev.link == "encounter" else self._by_patient).get(key, ())
+                    ok = any(
+                        not ev.codes or any(c in ev.codes for c in self._resource_codes(e.resource)) for e in pool
+                    )
+                if ok:
+                    break
+            present[element.key] = ok
+        return present
+
+    def _resource_codes(self, res: Resource) -> Iterator[Code]:
+        for name in ("code", "type"):
+            yield from _keyed(res.get(name), self.rules)
+        for concept in res.get("category") or ():
+            yield from _keyed(concept, self.rules)
+
+    # -- the case -------------------------------------------------------------------------------
+
+    def build(self, enc: Entry) -> Case | None:
+        res = enc.resource
+        enc_key = enc.key
+        period = res.get("period") if isinstance(res.get("period"), dict) else {}
+        encounter_date = _date_part(period.get("start"))
+        sessions = self.sessions(enc_key, encounter_date)
+        claim = self.pick_claim(enc_key)
+        enc_programs = self.encounter_programs(enc)
+        claim_programs = self.claim_programs(claim) if claim else frozenset()
+        if not sessions and not enc_programs and not claim_programs:
+            return None
+        patient = self._key_of(res.get("subject"), enc)
+        claim_lines = self.claim_lines(claim) if claim else ()
+        first_date = sessions[0].service_date if sessions else encounter_date
+        cov_key, coverage, cov_context = self.coverage(claim, patient, first_date)
+        payer, payer_name, policy = self.payer(coverage, cov_context)
+        cls = res.get("class")
+        encounter_class = (
+            next((c for s, c in _keyed({"coding": [cls]}, self.rules) if s == "act_code"), None)
+            if isinstance(cls, dict)
+            else None
+        )
+        bill_type, bill_type_source = self.bill_type(claim)
+        counted = tuple(s for s in sessions if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
+        return Case(
+            encounter=enc_key,
+            encounter_resource=res,
+            patient=patient,
+            provider=self._key_of(res.get("serviceProvider"), enc),
+            encounter_date=encounter_date,
+            encounter_class=encounter_class,
+            encounter_programs=enc_programs,
+            claim=claim,
+            claim_programs=claim_programs,
+            claim_lines=claim_lines,
+            sessions=sessions,
+            services=self.services(enc_key, claim_lines, claim is not None, encounter_date),
+            payer=payer,
+            payer_name=payer_name,
+            payer_policy=policy,
+            coverage=cov_key,
+            diagnosis=self.diagnosis(claim, enc),
+            bill_type=bill_type,
+            bill_type_source=bill_type_source,
+            documentation=self.documentation(enc_key, patient, counted or sessions),
+            unknown_modifier_extensions=tuple(
+                f"Claim.item[{line.index}]" for line in claim_lines if line.has_modifier_extension
+            ),
+        )
+
+
+def _normalise_tob(code: str) -> str:
+    code = code.strip()
+    # NUBC writes the type of bill with a leading zero (0131); the rules read the 3 digits.
+    if len(code) == 4 and code.startswith("0"):
+        return code[1:]
+    return code
+
+
+def _has_path(resource: Resource, path: tuple[str, ...]) -> bool:
+    value: Any = resource
+    for part in path:
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if not isinstance(value, dict):
+            return False
+        value = value.get(part)
+    return value not in (None, "", [], {})
+
+
+def build_cases(index: Index, rules: RuleSet) -> list[Case]:
+    """One Case per Encounter that has an OT session or is part of a PHP/IOP program."""
+    builder = _Builder(index, rules)
+    cases = []
+    for enc in index.of_type("Encounter"):
+        case = builder.build(enc)
+        if case is not None:
+            cases.append(case)
+    return cases

@@ -1,0 +1,85 @@
+"""The decision for one encounter, and its JSON form (schema/decision.schema.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OUTCOMES", "SEVERITIES", "Decision", "Finding", "Line", "outcome_of"]
+
+# Most to least severe. `info` explains, it never changes the outcome.
+SEVERITIES = ("error", "review", "warning", "info")
+OUTCOMES = ("bill", "review", "do-not-bill")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    rule: str
+    severity: str
+    message: str
+    subject: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "severity": self.severity, "message": self.message, "subject": self.subject}
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    code: str
+    units: int
+    service_date: str
+    revenue_code: str
+    modifiers: tuple[str, ...]
+    procedures: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "units": self.units,
+            "service_date": self.service_date,
+            "revenue_code": self.revenue_code,
+            "modifiers": list(self.modifiers),
+            "procedures": list(self.procedures),
+        }
+
+
+def outcome_of(findings: list[Finding] | tuple[Finding, ...]) -> str:
+    severities = {f.severity for f in findings}
+    if "error" in severities:
+        return "do-not-bill"
+    if "review" in severities:
+        return "review"
+    return "bill"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    encounter: str
+    claim: str | None
+    outcome: str
+    program: str | None
+    payer: str
+    lines: tuple[Line, ...]
+    findings: tuple[Finding, ...]
+    missing_data: tuple[str, ...]
+    rules_passed: tuple[str, ...]
+    ruleset_version: str
+
+    @property
+    def rule_ids(self) -> tuple[str, ...]:
+        """Rules with a finding, in catalog order, each once."""
+        return tuple(dict.fromkeys(f.rule for f in self.findings))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "encounter": self.encounter,
+            "claim": self.claim,
+            "outcome": self.outcome,
+            "program": self.program,
+            "payer": self.payer,
+            "lines": [line.to_json() for line in self.lines],
+            "findings": [f.to_json() for f in self.findings],
+            "missing_data": list(self.missing_data),
+            "rules_passed": list(self.rules_passed),
+            "ruleset_version": self.ruleset_version,
+        }

@@ -1,0 +1,107 @@
+"""Every error a user (or a FHIR server) can cause, in one place.
+
+    AdapterError
+    ├── InputError                 bad input; the rest of the run goes on
+    │   ├── InvalidJSON            not parseable JSON (file, NDJSON line or HTTP body)
+    │   ├── NotFHIR                JSON, but not a FHIR resource or Bundle
+    │   └── InvalidResource        a FHIR resource that breaks a rule we rely on
+    ├── MappingError               a table in mappings/ is missing or malformed
+    ├── UsageError                 bad command-line use (exit 2)
+    └── FHIRError                  talking to a FHIR server went wrong
+        ├── TransientFHIRError     retrying can fix it (network, timeout, 429, 5xx)
+        ├── VersionConflict        409/412 on a conditional write: re-read, re-decide
+        └── FatalFHIRError         retrying cannot fix it (other 4xx, bad response)
+            └── AuthError          the server or token endpoint refused our credentials
+
+The split between transient and fatal lets the worker decide to retry without guessing.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "AuthError",
+    "FHIRError",
+    "FatalFHIRError",
+    "InputError",
+    "InvalidJSON",
+    "InvalidResource",
+    "MappingError",
+    "NotFHIR",
+    "TransientFHIRError",
+    "UsageError",
+    "VersionConflict",
+]
+
+
+class AdapterError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class InputError(AdapterError):
+    """One input (file, NDJSON line, request body) cannot be used.
+
+    `source` names where it came from (a path, `path:line`, or `request body`) so the one-line
+    message a user sees always says which input was at fault.
+    """
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message
+
+
+class InvalidJSON(InputError):
+    pass
+
+
+class NotFHIR(InputError):
+    pass
+
+
+class InvalidResource(InputError):
+    pass
+
+
+class MappingError(AdapterError):
+    pass
+
+
+class UsageError(AdapterError):
+    pass
+
+
+class FHIRError(AdapterError):
+    """A FHIR server interaction failed. `status` is the HTTP status, when there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientFHIRError(FHIRError):
+    """Network error, timeout, 429 or 5xx: the same request may succeed later.
+
+    `retry_after` carries the server's Retry-After, in seconds, when it sent one.
+    """
+
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class VersionConflict(FHIRError):
+    pass
+
+
+class FatalFHIRError(FHIRError):
+    pass
+
+
+class AuthError(FatalFHIRError):
+    pass

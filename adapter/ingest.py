@@ -1,0 +1,287 @@
+"""Raw FHIR JSON in, an index of resources out, with references resolved across all of it.
+
+Inputs are Bundles of any type, single resources, directories of them and NDJSON files. The
+hot path stays on plain dicts parsed by orjson: full model validation costs ~100x the parse
+(DESIGN.md), so it is kept for what we write back. Every resource keeps its raw JSON, so a
+write-back never drops an element the models do not know.
+
+One bad input never stops the others: `load_paths` returns the errors beside the index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
+
+__all__ = [
+    "Entry",
+    "Index",
+    "load_bytes",
+    "load_paths",
+    "iter_input_files",
+]
+
+Resource = dict[str, Any]
+
+INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl")
+NDJSON_SUFFIXES = (".ndjson", ".jsonl")
+
+
+@lru_cache(maxsize=None)
+def _known_resource_type(name: str) -> bool:
+    """True for an R4B resource type name; reads the model package's file list, not the models."""
+    return name[:1].isupper() and name.lower() in _model_module_names()
+
+
+@lru_cache(maxsize=1)
+def _model_module_names() -> frozenset[str]:
+    import fhir.resources.R4B as r4b
+
+    folder = Path(r4b.__file__).parent
+    return frozenset(p[:-3] for p in os.listdir(folder) if p.endswith(".py"))
+
+
+@dataclass(slots=True)
+class Entry:
+    """One resource as it came in, with where it came from."""
+
+    resource: Resource
+    source: str
+    full_url: str | None = None
+
+    @property
+    def type(self) -> str:
+        return str(self.resource["resourceType"])
+
+    @property
+    def id(self) -> str | None:
+        rid = self.resource.get("id")
+        return str(rid) if rid is not None else None
+
+    @property
+    def key(self) -> str:
+        """`Type/id`, or the fullUrl for a resource without an id."""
+        if self.id is not None:
+            return f"{self.type}/{self.id}"
+        return self.full_url or f"{self.type}/@{id(self.resource)}"
+
+    @property
+    def base(self) -> str | None:
+        """The server base of this entry's fullUrl, against which relative references resolve."""
+        url = self.full_url
+        if not url or "://" not in url:
+            return None
+        parts = url.rstrip("/").split("/")
+        # .../fhir/Claim/123 -> .../fhir/
+        if len(parts) >= 3:
+            return "/".join(parts[:-2]) + "/"
+        return None
+
+
+def _version_rank(resource: Resource) -> tuple[int, str]:
+    meta = resource.get("meta") or {}
+    vid = str(meta.get("versionId") or "")
+    return (int(vid) if vid.isdigit() else -1, str(meta.get("lastUpdated") or ""))
+
+
+@dataclass
+class Index:
+    """Every resource of a run, findable by `Type/id`, by fullUrl and by type."""
+
+    by_key: dict[str, Entry] = field(default_factory=dict)
+    by_full_url: dict[str, Entry] = field(default_factory=dict)
+    by_type: dict[str, list[Entry]] = field(default_factory=dict)
+
+    def add(self, entry: Entry) -> None:
+        key = entry.key
+        current = self.by_key.get(key)
+        if current is not None:
+            # The same resource seen twice (a standalone file and a bundle, or two versions):
+            # keep the newer version; on a tie the first one seen stays.
+            if _version_rank(entry.resource) <= _version_rank(current.resource):
+                if entry.full_url:
+                    self.by_full_url.setdefault(entry.full_url, current)
+                return
+            self.by_type[entry.type] = [e for e in self.by_type[entry.type] if e is not current]
+        self.by_key[key] = entry
+        if entry.full_url:
+            self.by_full_url[entry.full_url] = entry
+        self.by_type.setdefault(entry.type, []).append(entry)
+
+    def of_type(self, resource_type: str) -> list[Entry]:
+        return self.by_type.get(resource_type, [])
+
+    def resolve(self, reference: Any, context: Entry | None = None) -> Resource | None:
+        """The resource a Reference points at, or None (identifier-only, display-only, dangling).
+
+        Handles `#id` (contained in the context resource), `urn:uuid:`/absolute fullUrls,
+        relative `Type/id` (against the context entry's base first), and `/_history/n` tails.
+        """
+        found = self.resolve_entry(reference, context)
+        if isinstance(found, Entry):
+            return found.resource
+        return found
+
+    def resolve_entry(self, reference: Any, context: Entry | None = None) -> Entry | Resource | None:
+        if not isinstance(reference, dict):
+            return None
+        ref = reference.get("reference")
+        if not isinstance(ref, str) or not ref:
+            return None
+        if ref.startswith("#"):
+            if context is None:
+                return None
+            local = ref[1:]
+            for contained in context.resource.get("contained") or ():
+                if isinstance(contained, dict) and contained.get("id") == local:
+                    return contained
+            return None
+        hit = self.by_full_url.get(ref)
+        if hit is not None:
+            return hit
+        if "://" in ref:
+            return self.by_key.get(_type_id_tail(ref))
+        if context is not None and context.base:
+            hit = self.by_full_url.get(context.base + ref)
+            if hit is not None:
+                return hit
+        return self.by_key.get(_type_id_tail(ref))
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+
+def _type_id_tail(ref: str) -> str:
+    parts = ref.split("?")[0].rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    return "/".join(parts[-2:])
+
+
+def _check_resource(value: Any, source: str) -> Resource:
+    if not isinstance(value, dict):
+        raise NotFHIR(f"expected a JSON object, got {type(value).__name__}", source)
+    rtype = value.get("resourceType")
+    if not isinstance(rtype, str):
+        raise NotFHIR("no resourceType: not a FHIR resource", source)
+    if not _known_resource_type(rtype):
+        raise InvalidResource(f"unknown resourceType {rtype!r} (not an R4 resource)", source)
+    rid = value.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidResource(f"{rtype}.id must be a string", source)
+    return value
+
+
+def _walk(resource: Resource, source: str, full_url: str | None, errors: list[InputError]) -> Iterator[Entry]:
+    """Yield the resource, or for a Bundle its entries' resources (recursively)."""
+    if resource["resourceType"] != "Bundle":
+        yield Entry(resource, source, full_url)
+        return
+    entries = resource.get("entry") or []
+    if not isinstance(entries, list):
+        errors.append(InvalidResource("Bundle.entry must be an array", source))
+        return
+    for n, item in enumerate(entries):
+        if not isinstance(item, dict):
+            errors.append(InvalidResource(f"Bundle.entry[{n}] must be an object", source))
+            continue
+        request = item.get("request") or {}
+        if isinstance(request, dict) and request.get("method") == "DELETE":
+            continue
+        inner = item.get("resource")
+        if inner is None:
+            continue  # response-only or GET entries carry no resource
+        where = f"{source} Bundle.entry[{n}]"
+        try:
+            inner = _check_resource(inner, where)
+        except InputError as exc:
+            errors.append(exc)
+            continue
+        fu = item.get("fullUrl")
+        yield from _walk(inner, source, fu if isinstance(fu, str) else None, errors)
+
+
+def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Entry], list[InputError]]:
+    """Parse one input's bytes (a JSON resource/Bundle, or NDJSON) into entries and errors."""
+    errors: list[InputError] = []
+    entries: list[Entry] = []
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if ndjson:
+        for lineno, line in enumerate(data.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{source}:{lineno}"
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                errors.append(InvalidJSON(f"malformed JSON ({exc})", where))
+                continue
+            try:
+                resource = _check_resource(value, where)
+            except InputError as exc:
+                errors.append(exc)
+                continue
+            entries.extend(_walk(resource, where, None, errors))
+        return entries, errors
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
+    try:
+        resource = _check_resource(value, source)
+    except InputError as exc:
+        return [], [exc]
+    entries.extend(_walk(resource, source, None, errors))
+    return entries, errors
+
+
+def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Each input file, directories walked recursively in a stable order.
+
+    Inside a directory only `.json`, `.ndjson` and `.jsonl` files are read (a README or an
+    `*.expected.yaml` beside the data is not input); a file named on the command line is always read.
+    """
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.endswith(INPUT_SUFFIXES):
+                        yield Path(root) / name
+        else:
+            yield path
+
+
+def load_paths(
+    paths: Iterable[Path], on_file: Callable[[int, int], None] | None = None
+) -> tuple[Index, list[InputError], int]:
+    """Load every input into one index. Returns (index, errors, number of files read).
+
+    `on_file(done, total)` is called after each file (for a progress display).
+    """
+    index = Index()
+    errors: list[InputError] = []
+    files = list(iter_input_files(paths))
+    for n, path in enumerate(files, start=1):
+        source = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            errors.append(InputError(f"cannot read ({exc.strerror})", source))
+        else:
+            entries, errs = load_bytes(data, source, ndjson=path.suffix in NDJSON_SUFFIXES)
+            errors.extend(errs)
+            for entry in entries:
+                index.add(entry)
+        if on_file is not None:
+            on_file(n, len(files))
+    return index, errors, len(files)

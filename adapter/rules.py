@@ -1,0 +1,351 @@
+"""The G0129 rules: pure functions of a Case, its planned lines and the RuleSet.
+
+Each rule has the stable id of mappings/rules.yaml and returns its findings; no finding means
+the rule passed. `decide` runs them all and turns the findings into a Decision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .case import Case, Session
+from .decision import Decision, Finding, Line, outcome_of
+from .ruleset import RuleSet
+
+__all__ = ["RULES", "G0129", "Plan", "decide", "plan_lines"]
+
+G0129 = "G0129"
+IOP_START = "2024-01-01"
+DEFAULT_REVENUE = "0430"
+_OT_REVENUE = re.compile(r"^043\d$")
+_MENTAL_HEALTH = re.compile(r"^F(0[1-9]|[1-9]\d)")
+_TOB = re.compile(r"^\d{3}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What would be billed: the qualifying sessions grouped into one line per date."""
+
+    lines: tuple[Line, ...]
+    qualifying: tuple[Session, ...]
+    unknown_length: tuple[Session, ...]
+
+
+def _is_g0129(system: str | None, code: str | None) -> bool:
+    return system == "hcpcs" and code == G0129
+
+
+def plan_lines(case: Case, rules: RuleSet) -> Plan:
+    qualifying = tuple(s for s in case.sessions if s.minutes is not None and s.minutes >= rules.minimum_minutes)
+    unknown = tuple(s for s in case.sessions if s.minutes is None)
+    by_date: dict[str, list[Session]] = defaultdict(list)
+    for session in qualifying:
+        if session.service_date:
+            by_date[session.service_date].append(session)
+    existing = {}
+    for line in case.claim_lines:
+        if _is_g0129(line.system, line.code) and line.service_date and line.service_date not in existing:
+            existing[line.service_date] = line
+    lines = []
+    for date in sorted(by_date):
+        current = existing.get(date)
+        revenue = current.revenue if current and current.revenue and _OT_REVENUE.match(current.revenue) else DEFAULT_REVENUE
+        lines.append(
+            Line(
+                code=G0129,
+                units=len(by_date[date]),
+                service_date=date,
+                revenue_code=revenue,
+                # The specification's default is "00, no modifier"; keep what the EHR chose (PN/PO).
+                modifiers=current.modifiers if current else (),
+                procedures=tuple(s.procedure for s in by_date[date]),
+            )
+        )
+    return Plan(tuple(lines), qualifying, unknown)
+
+
+Rule = Callable[[Case, Plan, RuleSet, list[str]], list[Finding]]
+
+
+def _program(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    if case.program:
+        return []
+    subject = case.claim_ref or case.encounter
+    if len(case.encounter_programs) > 1 or len(case.claim_programs) > 1:
+        return [Finding("PROGRAM", "review", "Both PHP and IOP are marked; a day belongs to one program.", subject)]
+    missing.append("program")
+    if case.claim is not None:
+        return [
+            Finding(
+                "PROGRAM", "error",
+                "The claim carries neither condition code 41 (PHP) nor 92 (IOP) and nothing marks a "
+                "PHP/IOP program: G0129 is billable only inside one.",
+                subject,
+            )
+        ]
+    return [Finding("PROGRAM", "review", "Nothing marks a PHP or IOP program and there is no claim yet.", subject)]
+
+
+def _iop_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    if case.program != "IOP":
+        return []
+    dates = sorted({s.service_date for s in case.sessions if s.service_date} or {case.encounter_date} - {None})
+    early = [d for d in dates if d is not None and d < IOP_START]
+    if not early:
+        return []
+    return [
+        Finding("IOP-DATE", "error", f"IOP service on {d}: G0129 is an IOP service only from {IOP_START}.", case.encounter)
+        for d in early
+    ]
+
+
+def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = [
+        Finding(
+            "SESSION-LENGTH", "warning",
+            f"Session lasted {s.minutes:.0f} minutes, under {rules.minimum_minutes}: not counted.",
+            s.procedure,
+        )
+        for s in case.sessions
+        if s.minutes is not None and s.minutes < rules.minimum_minutes
+    ]
+    if not case.sessions:
+        findings.append(Finding("SESSION-LENGTH", "error", "No OT session is recorded for this encounter.", case.encounter))
+    elif not plan.qualifying and not plan.unknown_length:
+        findings.append(
+            Finding("SESSION-LENGTH", "error", f"No OT session lasted {rules.minimum_minutes} minutes or more.", case.encounter)
+        )
+    return findings
+
+
+def _session_times(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    for s in case.sessions:
+        if s.start is None or s.end is None:
+            absent = " and ".join(n for n, v in (("start", s.start), ("end", s.end)) if v is None)
+            missing.append(f"session_times:{s.procedure}")
+            findings.append(
+                Finding("SESSION-TIMES", "review", f"Session has no {absent} time: its length is unknown, so it is not counted.", s.procedure)
+            )
+        elif s.minutes is not None and s.minutes <= 0:
+            findings.append(Finding("SESSION-TIMES", "review", "Session ends before it starts.", s.procedure))
+    return findings
+
+
+def _performer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    for s in plan.qualifying + plan.unknown_length:
+        disciplines = [p.discipline for p in s.performers]
+        if "OT" in disciplines:
+            continue
+        if "OTA" in disciplines:
+            findings.append(
+                Finding("PERFORMER", "review", "Furnished by an OT assistant with no supervising OT recorded on the session.", s.procedure)
+            )
+        elif disciplines and all(d == "other" for d in disciplines):
+            taxonomies = ", ".join(sorted({p.taxonomy or "" for p in s.performers}))
+            findings.append(
+                Finding("PERFORMER", "error", f"Furnished by another discipline (NUCC {taxonomies}), not an OT or supervised OTA.", s.procedure)
+            )
+        else:
+            missing.append(f"performer_qualification:{s.procedure}")
+            findings.append(
+                Finding("PERFORMER", "review", "The performer's qualification (OT or OTA) is not recorded.", s.procedure)
+            )
+    return findings
+
+
+def _remote(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    if case.encounter_class == "VR":
+        return [Finding("REMOTE", "error", "Delivered remotely (Encounter.class VR); PHP/IOP services are in person.", case.encounter)]
+    return []
+
+
+def _diagnosis(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    dx = case.diagnosis
+    subject = case.claim_ref or case.encounter
+    if dx is None:
+        missing.append("principal_diagnosis")
+        return [Finding("DIAGNOSIS", "review", "No principal diagnosis is recorded.", subject)]
+    if dx.system != "icd10cm":
+        return [Finding("DIAGNOSIS", "review", f"Principal diagnosis {dx.code} is not coded in ICD-10-CM.", subject)]
+    if _MENTAL_HEALTH.match(dx.code.replace(".", "").upper()):
+        return []
+    return [
+        Finding("DIAGNOSIS", "error", f"Principal diagnosis {dx.code} ({dx.source}) is not a mental/behavioral diagnosis (F01-F99).", subject)
+    ]
+
+
+def _bill_type(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    subject = case.claim_ref or case.encounter
+    tob = case.bill_type
+    if tob is None:
+        missing.append("type_of_bill")
+        return [Finding("BILL-TYPE", "review", "No type of bill is recorded.", subject)]
+    if not _TOB.match(tob):
+        return [Finding("BILL-TYPE", "review", f"Type of bill {tob!r} is not a valid NUBC type of bill.", subject)]
+    prefix = tob[:2]
+    if prefix in rules.bill_types_never:
+        return [Finding("BILL-TYPE", "error", f"Type of bill {tob} ({prefix}X) is never processed for PHP/IOP.", subject)]
+    allowed = rules.bill_types_allowed.get(case.program or "", frozenset().union(*rules.bill_types_allowed.values()))
+    if prefix not in allowed:
+        kinds = ", ".join(f"{p}X" for p in sorted(allowed))
+        return [Finding("BILL-TYPE", "error", f"Type of bill {tob} does not fit {case.program or 'PHP/IOP'} ({kinds}).", subject)]
+    return []
+
+
+def _condition_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    program = case.program
+    if program is None:
+        return []
+    code = next(c for c, p in rules.claim_condition_codes.items() if p == program)
+    if case.claim is None:
+        return [Finding("CONDITION-CODE", "info", f"No claim yet; the draft claim carries condition code {code} ({program}).", case.encounter)]
+    if not case.claim_programs:
+        return [Finding("CONDITION-CODE", "info", f"Condition code {code} ({program}) is absent; the annotated claim adds it.", case.claim.key)]
+    if case.claim_programs != {program}:
+        said = "/".join(sorted(case.claim_programs))
+        return [Finding("CONDITION-CODE", "review", f"The claim's condition code says {said} but the encounter is {program}.", case.claim.key)]
+    return []
+
+
+def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    return [
+        Finding(
+            "REVENUE-CODE", "warning",
+            f"G0129 line {line.sequence or line.index + 1} has revenue code {line.revenue or 'none'}, not 043X; "
+            f"the annotated claim uses {DEFAULT_REVENUE}.",
+            f"{case.claim_ref}#item[{line.index}]",
+        )
+        for line in case.claim_lines
+        if _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
+    ]
+
+
+def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    planned = {line.service_date: line for line in plan.lines}
+    seen: set[str] = set()
+    for line in case.claim_lines:
+        subject = f"{case.claim_ref}#item[{line.index}]"
+        if line.has_modifier_extension:
+            findings.append(
+                Finding("CLAIM-LINES", "review", "The line carries a modifierExtension the adapter does not understand.", subject)
+            )
+        if not _is_g0129(line.system, line.code):
+            continue
+        date = line.service_date or ""
+        target = planned.get(date)
+        if target is None or date in seen:
+            findings.append(
+                Finding("CLAIM-LINES", "warning", f"G0129 line on {date or 'no date'} has no qualifying session behind it; kept, not deleted.", subject)
+            )
+        elif line.quantity != target.units:
+            findings.append(
+                Finding("CLAIM-LINES", "warning", f"G0129 line on {date} has {line.quantity:g} units; the qualifying sessions make {target.units}.", subject)
+            )
+        seen.add(date)
+    return findings
+
+
+def _day_units(case: Case, plan: Plan) -> dict[str, list[tuple[str, float]]]:
+    per_day: dict[str, list[tuple[str, float]]] = {line.service_date: [("ot", float(line.units))] for line in plan.lines}
+    for service in case.services:
+        if service.service_date in per_day:
+            per_day[service.service_date].append((service.kind, service.units))
+    return per_day
+
+
+def _day_services(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    for date, services in sorted(_day_units(case, plan).items()):
+        count = sum(units for _, units in services)
+        if count < 3:
+            findings.append(
+                Finding("DAY-SERVICES", "warning", f"{count:g} PHP/IOP service(s) on {date}: fewer than 3, no per diem for the day.", case.encounter)
+            )
+        else:
+            tier = "4+" if count >= 4 else "3"
+            findings.append(Finding("DAY-SERVICES", "info", f"{count:g} PHP/IOP services on {date}: tier {tier}.", case.encounter))
+    return findings
+
+
+def _ot_only_day(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    return [
+        Finding("OT-ONLY-DAY", "warning", f"Only OT and/or activity therapy on {date}: not a PHP/IOP day on its own.", case.encounter)
+        for date, services in sorted(_day_units(case, plan).items())
+        if all(kind in ("ot", "activity") for kind, _ in services)
+    ]
+
+
+def _payer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    subject = case.coverage or case.claim_ref or case.encounter
+    if case.payer_policy is None:
+        missing.append("payer")
+        who = f"Payer {case.payer_name!r}" if case.payer_name else "The payer"
+        return [Finding("PAYER", "review", f"{who} is not identified: payer policy data not available.", subject)]
+    if case.program is None:
+        return []
+    accepts, source = case.payer_policy.programs.get(case.program, (None, ""))
+    name = case.payer_policy.name
+    if accepts is None:
+        return [Finding("PAYER", "review", f"{name}: payer policy data not available for G0129 in {case.program}.", subject)]
+    if accepts is False:
+        return [Finding("PAYER", "error", f"{name} does not accept G0129 for {case.program} ({source}).", subject)]
+    return []
+
+
+def _documentation(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    absent = [el for el in rules.documentation if not case.documentation.get(el.key)]
+    if not absent:
+        return []
+    missing.extend(el.key for el in absent)
+    labels = ", ".join(el.label for el in absent)
+    return [Finding("DOCUMENTATION", "warning", f"Documentation not found: {labels}.", case.encounter)]
+
+
+RULES: dict[str, Rule] = {
+    "PROGRAM": _program,
+    "IOP-DATE": _iop_date,
+    "SESSION-LENGTH": _session_length,
+    "SESSION-TIMES": _session_times,
+    "PERFORMER": _performer,
+    "REMOTE": _remote,
+    "DIAGNOSIS": _diagnosis,
+    "BILL-TYPE": _bill_type,
+    "CONDITION-CODE": _condition_code,
+    "REVENUE-CODE": _revenue_code,
+    "CLAIM-LINES": _claim_lines,
+    "DAY-SERVICES": _day_services,
+    "OT-ONLY-DAY": _ot_only_day,
+    "PAYER": _payer,
+    "DOCUMENTATION": _documentation,
+}
+
+
+def decide(case: Case, rules: RuleSet) -> Decision:
+    plan = plan_lines(case, rules)
+    findings: list[Finding] = []
+    missing: list[str] = []
+    passed = []
+    for info in rules.rules:
+        found = RULES[info.id](case, plan, rules, missing)
+        findings.extend(found)
+        if all(f.severity == "info" for f in found):
+            passed.append(info.id)
+    outcome = outcome_of(findings)
+    return Decision(
+        encounter=case.encounter,
+        claim=case.claim_ref,
+        outcome=outcome,
+        program=case.program,
+        payer=case.payer,
+        lines=() if outcome == "do-not-bill" else plan.lines,
+        findings=tuple(findings),
+        missing_data=tuple(dict.fromkeys(missing)),
+        rules_passed=tuple(passed),
+        ruleset_version=rules.version,
+    )

@@ -1,0 +1,57 @@
+"""Where results go: a directory of NDJSON files (written atomically) or a stream."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import orjson
+
+from .errors import InputError
+
+__all__ = ["DirectorySink", "error_record"]
+
+FILES = ("decisions", "claims", "errors")
+
+
+def error_record(error: InputError) -> dict[str, Any]:
+    return {"source": error.source, "error": type(error).__name__, "message": error.message}
+
+
+class DirectorySink:
+    """Writes decisions.ndjson, claims.ndjson and errors.ndjson into `directory`.
+
+    Each file is written beside its final name and renamed into place only when the whole run
+    has finished, so a reader never sees half a run and a crash leaves the last run intact.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, IO[bytes]] = {}
+
+    def __enter__(self) -> DirectorySink:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
+            self._files[name] = os.fdopen(fd, "wb")
+        return self
+
+    def write(self, name: str, record: dict[str, Any]) -> None:
+        self._files[name].write(orjson.dumps(record) + b"\n")
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for name, fh in self._files.items():
+            fh.flush()
+            if exc_type is None:
+                os.fsync(fh.fileno())
+            fh.close()
+            if exc_type is None:
+                os.replace(fh.name, self.directory / f"{name}.ndjson")
+            else:
+                os.unlink(fh.name)
+        self._files.clear()
