@@ -4,17 +4,18 @@ from .annotate import annotate, draft_claim
 from .case import Case, build_cases
 from .decision import Decision, Finding, Line
 from .ingest import Index, load_bytes, load_paths
-from .pipeline import Outcome, evaluate
+from .pipeline import AnnotatedClaim, RunResult, evaluate
 from .rules import decide
 from .ruleset import RuleSet, load_ruleset
 
 __all__ = [
+    "AnnotatedClaim",
     "Case",
     "Decision",
     "Finding",
     "Index",
     "Line",
-    "Outcome",
+    "RunResult",
     "RuleSet",
     "annotate",
     "build_cases",

@@ -176,6 +176,15 @@ def _decision_extension(decision: Decision) -> Resource:
     return {"url": DECISION_EXTENSION, "extension": parts}
 
 
+def _decision_encounter(extension: Any) -> str | None:
+    if not isinstance(extension, dict) or extension.get("url") != DECISION_EXTENSION:
+        return None
+    for part in extension.get("extension") or ():
+        if isinstance(part, dict) and part.get("url") == "encounter":
+            return str((part.get("valueReference") or {}).get("reference"))
+    return None
+
+
 def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     """The Claim with the decision written onto it. `claim` itself is left untouched.
 
@@ -188,8 +197,15 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     if decision.program:
         _condition_code(out, decision.program, rules)
     _type_of_bill(out, rules)
-    extensions = [e for e in out.get("extension") or () if not (isinstance(e, dict) and e.get("url") == DECISION_EXTENSION)]
-    extensions.append(_decision_extension(decision))
+    # One decision extension per encounter: a claim covering several PHP days carries each.
+    mine = _decision_extension(decision)
+    extensions = list(out.get("extension") or ())
+    for n, ext in enumerate(extensions):
+        if _decision_encounter(ext) == decision.encounter:
+            extensions[n] = mine
+            break
+    else:
+        extensions.append(mine)
     out["extension"] = extensions
     meta = out.setdefault("meta", {})
     tags = meta.setdefault("tag", [])

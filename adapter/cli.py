@@ -20,7 +20,7 @@ import orjson
 
 from .errors import AdapterError, InputError, MappingError, UsageError
 from .ingest import Index, load_paths
-from .pipeline import Outcome, evaluate
+from .pipeline import evaluate
 from .ruleset import RuleSet, load_ruleset
 from .sinks import DirectorySink, error_record
 
@@ -64,21 +64,22 @@ def _report_errors(errors: list[InputError], stderr: IO[str]) -> None:
 
 def _replay(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> int:
     index, errors, nfiles = _load(args.paths, stderr)
-    outcomes: Counter[str] = Counter()
-    by_rule: Counter[tuple[str, str]] = Counter()
+    result = evaluate(index, rules)
+    errors.extend(result.errors)
+    outcomes = Counter(d.outcome for d in result.decisions)
+    by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
     with DirectorySink(args.out) as sink:
-        for result in _decide(index, rules, errors):
-            decision = result.decision
-            outcomes[decision.outcome] += 1
-            by_rule.update((f.rule, f.severity) for f in decision.findings)
+        for decision in result.decisions:
             sink.write("decisions", decision.to_json())
-            if result.claim is not None:
-                sink.write("claims", result.claim)
+        for claim in result.claims:
+            sink.write("claims", claim.resource)
         for error in errors:
             sink.write("errors", error_record(error))
     _report_errors(errors, stderr)
-    total = sum(outcomes.values())
-    stdout.write(f"g0129 replay: {nfiles} file(s), {len(index)} resource(s), {total} encounter(s) decided -> {args.out}/\n")
+    stdout.write(
+        f"g0129 replay: {nfiles} file(s), {len(index)} resource(s), {len(result.decisions)} encounter(s) decided, "
+        f"{len(result.claims)} claim(s) annotated -> {args.out}/\n"
+    )
     stdout.write("  outcomes: " + ", ".join(f"{o} {outcomes.get(o, 0)}" for o in ("bill", "review", "do-not-bill")) + "\n")
     if by_rule:
         stdout.write("  findings by rule:\n")
@@ -91,19 +92,11 @@ def _replay(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], stderr: I
     return EXIT_INVALID_INPUT if errors else EXIT_OK
 
 
-def _decide(index: Index, rules: RuleSet, errors: list[InputError]) -> list[Outcome]:
-    results = []
-    for result in evaluate(index, rules):
-        if result.error is not None:
-            errors.append(result.error)
-        results.append(result)
-    return results
-
-
 def _evaluate(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> int:
     index, errors, _ = _load(args.paths, stderr)
-    for result in _decide(index, rules, errors):
-        stdout.write(orjson.dumps(result.decision.to_json()).decode() + "\n")
+    result = evaluate(index, rules, validate_claims=False)
+    for decision in result.decisions:
+        stdout.write(orjson.dumps(decision.to_json()).decode() + "\n")
     _report_errors(errors, stderr)
     return EXIT_INVALID_INPUT if errors else EXIT_OK
 

@@ -30,28 +30,28 @@ class DirectorySink:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._files: dict[str, IO[bytes]] = {}
+        self._files: dict[str, tuple[IO[bytes], str]] = {}
 
     def __enter__(self) -> DirectorySink:
         self.directory.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
-            self._files[name] = os.fdopen(fd, "wb")
+            self._files[name] = (os.fdopen(fd, "wb"), tmp)
         return self
 
     def write(self, name: str, record: dict[str, Any]) -> None:
-        self._files[name].write(orjson.dumps(record) + b"\n")
+        self._files[name][0].write(orjson.dumps(record) + b"\n")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for name, fh in self._files.items():
+        for name, (fh, tmp) in self._files.items():
             fh.flush()
             if exc_type is None:
                 os.fsync(fh.fileno())
             fh.close()
             if exc_type is None:
-                os.replace(fh.name, self.directory / f"{name}.ndjson")
+                os.replace(tmp, self.directory / f"{name}.ndjson")
             else:
-                os.unlink(fh.name)
+                os.unlink(tmp)
         self._files.clear()

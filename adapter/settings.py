@@ -1,0 +1,196 @@
+"""Settings, read once from the environment and never changed afterwards.
+
+This is the only module that reads `os.environ`: everything else receives a `Settings`.
+Empty variables count as unset, so `G0129_FHIR_TOKEN=` in a compose file means "no token".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar, get_args
+
+from adapter.errors import UsageError
+from adapter.retry import RetryPolicy
+
+__all__ = ["DEFAULT_SMART_SCOPE", "Settings"]
+
+AuthMode = Literal["none", "bearer", "smart"]
+SmartAlg = Literal["RS384", "ES384"]
+_T = TypeVar("_T", bound=str)
+
+# SMART v2 scopes (permissions in c-r-u-d-s order): read and search what the rules look at,
+# update the Claim we annotate and create the Provenance that goes with each write. Servers
+# that only know v1 need G0129_SMART_SCOPE set to `system/Claim.read system/Claim.write ...`.
+DEFAULT_SMART_SCOPE = " ".join(
+    [
+        "system/Claim.rus",
+        "system/Provenance.c",
+        *(
+            f"system/{resource_type}.rs"
+            for resource_type in (
+                "Encounter",
+                "Procedure",
+                "Coverage",
+                "Patient",
+                "Practitioner",
+                "PractitionerRole",
+                "Organization",
+                "Condition",
+                "EpisodeOfCare",
+                "CarePlan",
+                "DocumentReference",
+            )
+        ),
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the adapter can be told through `G0129_*` environment variables."""
+
+    fhir_base_url: str | None = None
+    # Secrets stay out of repr so logging a Settings never leaks them.
+    webhook_token: str | None = field(default=None, repr=False)
+    data_dir: Path = Path("./data")
+    fhir_auth: AuthMode = "none"
+    fhir_token: str | None = field(default=None, repr=False)
+    smart_client_id: str | None = None
+    smart_token_url: str | None = None
+    smart_private_key: Path | None = None
+    smart_kid: str | None = None
+    smart_alg: SmartAlg = "RS384"
+    smart_scope: str = DEFAULT_SMART_SCOPE
+    http_timeout: float = 10.0
+    retry_max_attempts: int = 4
+    retry_after_cap: float = 60.0
+    max_body_bytes: int = 5 * 1024 * 1024
+    # HAPI drops a notification after about a minute of failed deliveries, so once we have
+    # accepted a job we are its only copy: keep retrying through a long weekend's outage.
+    queue_retry_for: float = 3 * 86400.0
+    dead_letter_attempts: int = 5
+    catchup_interval: float = 60.0
+    mappings_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read `G0129_*` variables from `environ` (default: the process environment).
+
+        Raises `UsageError` naming the variable when a value is malformed, or when the chosen
+        `G0129_FHIR_AUTH` mode lacks a variable it needs.
+        """
+        env = _Env(os.environ if environ is None else environ)
+        defaults = cls()
+        return cls(
+            fhir_base_url=_base_url(env.text("G0129_FHIR_BASE_URL")),
+            webhook_token=env.text("G0129_WEBHOOK_TOKEN"),
+            data_dir=env.path("G0129_DATA_DIR") or defaults.data_dir,
+            fhir_auth=env.choice("G0129_FHIR_AUTH", get_args(AuthMode), defaults.fhir_auth),
+            fhir_token=env.text("G0129_FHIR_TOKEN"),
+            smart_client_id=env.text("G0129_SMART_CLIENT_ID"),
+            smart_token_url=env.text("G0129_SMART_TOKEN_URL"),
+            smart_private_key=env.path("G0129_SMART_PRIVATE_KEY"),
+            smart_kid=env.text("G0129_SMART_KID"),
+            smart_alg=env.choice("G0129_SMART_ALG", get_args(SmartAlg), defaults.smart_alg),
+            smart_scope=env.text("G0129_SMART_SCOPE") or defaults.smart_scope,
+            http_timeout=env.seconds("G0129_HTTP_TIMEOUT", defaults.http_timeout),
+            retry_max_attempts=env.positive_int(
+                "G0129_RETRY_MAX_ATTEMPTS", defaults.retry_max_attempts
+            ),
+            retry_after_cap=env.seconds("G0129_RETRY_AFTER_CAP", defaults.retry_after_cap),
+            max_body_bytes=env.positive_int("G0129_MAX_BODY_BYTES", defaults.max_body_bytes),
+            queue_retry_for=env.seconds("G0129_QUEUE_RETRY_FOR", defaults.queue_retry_for),
+            dead_letter_attempts=env.positive_int(
+                "G0129_DEAD_LETTER_ATTEMPTS", defaults.dead_letter_attempts
+            ),
+            catchup_interval=env.seconds("G0129_CATCHUP_INTERVAL", defaults.catchup_interval),
+            mappings_dir=env.path("G0129_MAPPINGS_DIR"),
+        )
+
+    def http_retry_policy(self) -> RetryPolicy:
+        """The per-call retry policy for FHIR requests."""
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts, retry_after_cap=self.retry_after_cap
+        )
+
+    def __post_init__(self) -> None:
+        # Checked here rather than in from_env so no Settings can exist half-configured.
+        required: tuple[str, ...] = ()
+        if self.fhir_auth == "bearer":
+            required = ("G0129_FHIR_TOKEN",)
+        elif self.fhir_auth == "smart":
+            required = (
+                "G0129_SMART_CLIENT_ID",
+                "G0129_SMART_TOKEN_URL",
+                "G0129_SMART_PRIVATE_KEY",
+                "G0129_SMART_KID",
+            )
+        missing = [name for name in required if getattr(self, _field(name)) is None]
+        if missing:
+            raise UsageError(
+                f"G0129_FHIR_AUTH={self.fhir_auth} needs {', '.join(missing)} to be set"
+            )
+
+
+def _field(variable: str) -> str:
+    return variable.removeprefix("G0129_").lower()
+
+
+def _base_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.startswith(("http://", "https://")):
+        raise UsageError(f"G0129_FHIR_BASE_URL must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+class _Env:
+    """Typed access to one environment mapping; every error names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return None if value is None else Path(value).expanduser()
+
+    def choice(self, name: str, allowed: tuple[_T, ...], default: _T) -> _T:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        # The member of `allowed`, not `value`, so the result keeps its Literal type.
+        return allowed[allowed.index(value)]
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise UsageError(f"{name} must be a number of seconds, got {value!r}") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+        return seconds
+
+    def positive_int(self, name: str, default: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise UsageError(f"{name} must be a whole number, got {value!r}") from None
+        if number <= 0:
+            raise UsageError(f"{name} must be at least 1, got {value!r}")
+        return number
