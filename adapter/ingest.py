@@ -105,10 +105,11 @@ class Index:
         current = self.by_key.get(key)
         if current is not None:
             # The same resource seen twice (a standalone file and a bundle, or two versions):
-            # keep the newer version; on a tie the first one seen stays.
+            # keep the newer version; on a tie the first one seen stays. A copy from another
+            # server (another fullUrl) stays reachable by its fullUrl.
             if _version_rank(entry.resource) <= _version_rank(current.resource):
                 if entry.full_url:
-                    self.by_full_url.setdefault(entry.full_url, current)
+                    self.by_full_url.setdefault(entry.full_url, entry)
                 return
             self.by_type[entry.type] = [e for e in self.by_type[entry.type] if e is not current]
         self.by_key[key] = entry

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from adapter.errors import InvalidJSON, InvalidResource, NotFHIR
+from adapter.ingest import Entry, Index, load_bytes, load_paths
+
+
+def _index(*resources: dict, bundle: dict | None = None) -> tuple[Index, list[Entry]]:
+    data = bundle or {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}
+    entries, errors = load_bytes(orjson.dumps(data), "t.json")
+    assert not errors
+    index = Index()
+    for e in entries:
+        index.add(e)
+    return index, entries
+
+
+def test_reference_styles_resolve() -> None:
+    bundle = {
+        "resourceType": "Bundle", "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:8f1c", "resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "http://ehr.example.org/fhir/Practitioner/pr1", "resource": {"resourceType": "Practitioner", "id": "pr1"}},
+            {
+                "fullUrl": "http://ehr.example.org/fhir/Claim/c1",
+                "resource": {
+                    "resourceType": "Claim", "id": "c1",
+                    "contained": [{"resourceType": "Coverage", "id": "cov"}],
+                },
+            },
+        ],
+    }
+    index, entries = _index(bundle=bundle)
+    claim = next(e for e in entries if e.type == "Claim")
+    assert index.resolve({"reference": "urn:uuid:8f1c"}, claim)["resourceType"] == "Patient"
+    assert index.resolve({"reference": "Practitioner/pr1"}, claim)["id"] == "pr1"
+    assert index.resolve({"reference": "http://ehr.example.org/fhir/Practitioner/pr1/_history/3"}, claim)["id"] == "pr1"
+    assert index.resolve({"reference": "#cov"}, claim)["resourceType"] == "Coverage"
+    assert index.resolve({"identifier": {"value": "x"}}, claim) is None
+    assert index.resolve({"display": "private"}, claim) is None
+    assert index.resolve({"reference": "Practitioner/missing"}, claim) is None
+
+
+def test_relative_reference_prefers_the_entrys_own_server() -> None:
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [
+            {"fullUrl": "http://a.example/fhir/Patient/45", "resource": {"resourceType": "Patient", "id": "45", "gender": "male"}},
+            {"fullUrl": "http://b.example/fhir/Patient/45", "resource": {"resourceType": "Patient", "id": "45", "gender": "female"}},
+            {"fullUrl": "http://b.example/fhir/Encounter/e", "resource": {"resourceType": "Encounter", "id": "e"}},
+        ],
+    }
+    index, entries = _index(bundle=bundle)
+    enc = next(e for e in entries if e.type == "Encounter")
+    assert index.resolve({"reference": "Patient/45"}, enc)["gender"] == "female"
+
+
+def test_newer_version_wins_and_duplicates_collapse() -> None:
+    old = {"resourceType": "Claim", "id": "c", "meta": {"versionId": "2"}, "status": "draft"}
+    new = {"resourceType": "Claim", "id": "c", "meta": {"versionId": "3"}, "status": "active"}
+    index, _ = _index(new, old)
+    assert len(index.of_type("Claim")) == 1 and index.by_key["Claim/c"].resource["status"] == "active"
+
+
+def test_nested_bundles_delete_and_response_only_entries() -> None:
+    inner = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {"resourceType": "Encounter", "id": "in"}}]}
+    outer = {
+        "resourceType": "Bundle", "type": "batch-response",
+        "entry": [
+            {"resource": inner},
+            {"response": {"status": "200 ok"}},
+            {"request": {"method": "DELETE", "url": "Patient/x"}, "resource": {"resourceType": "Patient", "id": "x"}},
+        ],
+    }
+    index, _ = _index(bundle=outer)
+    assert set(index.by_key) == {"Encounter/in"}
+
+
+@pytest.mark.parametrize(
+    "data,error",
+    [
+        (b"{not json", InvalidJSON),
+        (b"[1, 2]", NotFHIR),
+        (b'{"name": "x"}', NotFHIR),
+        (b'{"resourceType": "Widget"}', InvalidResource),
+        (b'{"resourceType": "Patient", "id": 5}', InvalidResource),
+    ],
+)
+def test_bad_input_is_a_typed_error_naming_the_source(data: bytes, error: type) -> None:
+    entries, errors = load_bytes(data, "bad.json")
+    assert entries == [] and len(errors) == 1
+    assert isinstance(errors[0], error) and str(errors[0]).startswith("bad.json: ")
+
+
+def test_ndjson_errors_name_the_line_and_keep_the_good_lines() -> None:
+    data = b'{"resourceType": "Patient", "id": "a"}\n{oops\n\n{"resourceType": "Patient", "id": "b"}\n'
+    entries, errors = load_bytes(data, "export.ndjson", ndjson=True)
+    assert [e.id for e in entries] == ["a", "b"]
+    assert [e.source for e in errors] == ["export.ndjson:2"]
+
+
+def test_bad_bundle_entry_is_reported_and_the_others_kept() -> None:
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"id": "x"}}, {"resource": {"resourceType": "Patient", "id": "ok"}}]}
+    entries, errors = load_bytes(orjson.dumps(bundle), "b.json")
+    assert [e.id for e in entries] == ["ok"]
+    assert "Bundle.entry[0]" in str(errors[0])
+
+
+def test_directories_are_walked_recursively_reading_only_fhir_files(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "p.json").write_bytes(b'{"resourceType": "Patient", "id": "p"}')
+    (tmp_path / "e.ndjson").write_bytes(b'{"resourceType": "Encounter", "id": "e"}\n')
+    (tmp_path / "README.md").write_text("not input")
+    (tmp_path / "x.expected.yaml").write_text("decisions: []")
+    index, errors, files = load_paths([tmp_path])
+    assert (files, errors) == (2, [])
+    assert set(index.by_key) == {"Patient/p", "Encounter/e"}
+
+
+def test_bom_is_tolerated() -> None:
+    entries, errors = load_bytes(b'\xef\xbb\xbf{"resourceType": "Patient", "id": "p"}', "bom.json")
+    assert errors == [] and entries[0].id == "p"

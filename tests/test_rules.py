@@ -1,0 +1,371 @@
+"""Each rule both ways: the clean PHP day passes it, one changed fact fails it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from adapter.decision import Decision
+from adapter.rules import RULES
+from adapter.ruleset import RuleSet
+
+from .factories import CC, CPT, HCPCS, NUCC, TOB, claim_line, decision_of, php_day
+
+
+def findings(decision: Decision, rule: str) -> list[tuple[str, str]]:
+    return [(f.severity, f.subject) for f in decision.findings if f.rule == rule]
+
+
+def test_catalog_and_code_agree(ruleset: RuleSet) -> None:
+    assert [r.id for r in ruleset.rules] == list(RULES)
+
+
+def test_clean_day_bills_one_unit_and_passes_every_rule(ruleset: RuleSet) -> None:
+    d = decision_of(php_day(), ruleset)
+    assert d.outcome == "bill"
+    assert d.program == "PHP" and d.payer == "medicare"
+    assert [(l.code, l.units, l.service_date, l.revenue_code, l.procedures) for l in d.lines] == [
+        ("G0129", 1, "2025-03-04", "0430", ("Procedure/s1",))
+    ]
+    assert set(d.rules_passed) == set(RULES)
+    assert [(f.rule, f.severity) for f in d.findings] == [("DAY-SERVICES", "info")]
+    assert d.missing_data == ()
+
+
+# -- PROGRAM -------------------------------------------------------------------------------------
+
+def test_program_error_when_claim_and_nothing_marks_a_program(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["encounter"]["serviceType"]
+    r["claim"]["supportingInfo"].pop()  # condition code 41
+    d = decision_of(r, ruleset)
+    assert findings(d, "PROGRAM") == [("error", "Claim/cl1")]
+    assert d.outcome == "do-not-bill" and d.lines == () and "program" in d.missing_data
+
+
+def test_program_review_without_claim(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["encounter"]["serviceType"]
+    del r["claim"]
+    d = decision_of(r, ruleset)
+    assert findings(d, "PROGRAM") == [("review", "Encounter/e1")]
+    assert d.outcome == "review"
+
+
+def test_program_from_claim_condition_code_alone(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["encounter"]["serviceType"]
+    d = decision_of(r, ruleset)
+    assert d.program == "PHP" and findings(d, "PROGRAM") == []
+
+
+def test_program_from_episode_of_care_local_code(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["encounter"]["serviceType"]
+    r["claim"]["supportingInfo"].pop()
+    r["episode"] = {
+        "resourceType": "EpisodeOfCare", "id": "eoc1", "status": "active", "patient": {"reference": "Patient/p1"},
+        "type": [{"coding": [{"system": "https://www.nubc.org/CodeSystem/RevenueCodes", "code": "0905"}]}],
+    }
+    r["encounter"]["episodeOfCare"] = [{"reference": "EpisodeOfCare/eoc1"}]
+    d = decision_of(r, ruleset)
+    assert d.program == "IOP"
+
+
+# -- IOP-DATE ------------------------------------------------------------------------------------
+
+def _make_iop(r: dict[str, Any]) -> None:
+    r["encounter"]["serviceType"]["coding"][0]["code"] = "92"
+    r["claim"]["supportingInfo"][1]["code"]["coding"][0]["code"] = "92"
+
+
+def test_iop_on_or_after_2024_passes(ruleset: RuleSet) -> None:
+    r = php_day()
+    _make_iop(r)
+    d = decision_of(r, ruleset)
+    assert d.program == "IOP" and findings(d, "IOP-DATE") == [] and d.outcome == "bill"
+
+
+def test_iop_before_2024_is_an_error(ruleset: RuleSet) -> None:
+    r = php_day()
+    _make_iop(r)
+    r["session"]["performedPeriod"] = {"start": "2023-12-29T09:00:00-05:00", "end": "2023-12-29T10:00:00-05:00"}
+    d = decision_of(r, ruleset)
+    assert findings(d, "IOP-DATE") == [("error", "Encounter/e1")]
+    assert d.outcome == "do-not-bill"
+
+
+# -- SESSION-LENGTH / SESSION-TIMES ----------------------------------------------------------------
+
+def test_short_session_is_not_counted_and_none_qualifying_is_an_error(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["session"]["performedPeriod"]["end"] = "2025-03-04T09:44:59-05:00"
+    d = decision_of(r, ruleset)
+    assert findings(d, "SESSION-LENGTH") == [("warning", "Procedure/s1"), ("error", "Encounter/e1")]
+    assert d.outcome == "do-not-bill"
+
+
+def test_exactly_45_minutes_counts_and_two_sessions_make_two_units(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["session"]["performedPeriod"]["end"] = "2025-03-04T09:45:00-05:00"
+    second = dict(r["session"], id="s2", performedPeriod={"start": "2025-03-04T13:00:00-05:00", "end": "2025-03-04T14:00:00-05:00"})
+    r["session2"] = second
+    d = decision_of(r, ruleset)
+    assert findings(d, "SESSION-LENGTH") == []
+    assert [(l.units, l.procedures) for l in d.lines] == [(2, ("Procedure/s1", "Procedure/s2"))]
+
+
+def test_session_without_end_is_review_and_not_counted(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["session"]["performedPeriod"]["end"]
+    d = decision_of(r, ruleset)
+    assert findings(d, "SESSION-TIMES") == [("review", "Procedure/s1")]
+    assert findings(d, "SESSION-LENGTH") == []  # unknown length is not "too short"
+    assert d.outcome == "review" and d.lines == ()
+    assert "session_times:Procedure/s1" in d.missing_data
+
+
+def test_date_only_performed_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["session"]["performedPeriod"]
+    r["session"]["performedDateTime"] = "2025-03-04"
+    d = decision_of(r, ruleset)
+    assert findings(d, "SESSION-TIMES") == [("review", "Procedure/s1")]
+
+
+# -- PERFORMER -----------------------------------------------------------------------------------
+
+def _qualify(practitioner: dict[str, Any], code: str) -> None:
+    practitioner["qualification"] = [{"code": {"coding": [{"system": NUCC, "code": code}]}}]
+
+
+def test_ota_with_supervising_ot_passes(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["ota"] = {"resourceType": "Practitioner", "id": "ota1"}
+    _qualify(r["ota"], "224Z00000X")
+    r["session"]["performer"].insert(0, {"actor": {"reference": "Practitioner/ota1"}})
+    assert findings(decision_of(r, ruleset), "PERFORMER") == []
+
+
+def test_ota_alone_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    _qualify(r["ot"], "224Z00000X")
+    d = decision_of(r, ruleset)
+    assert findings(d, "PERFORMER") == [("review", "Procedure/s1")] and d.outcome == "review"
+
+
+def test_other_discipline_is_an_error(ruleset: RuleSet) -> None:
+    r = php_day()
+    _qualify(r["ot"], "225100000X")  # physical therapist
+    d = decision_of(r, ruleset)
+    assert findings(d, "PERFORMER") == [("error", "Procedure/s1")] and d.outcome == "do-not-bill"
+
+
+def test_unknown_performer_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["ot"]["qualification"]
+    d = decision_of(r, ruleset)
+    assert findings(d, "PERFORMER") == [("review", "Procedure/s1")]
+    assert "performer_qualification:Procedure/s1" in d.missing_data
+
+
+def test_practitioner_role_specialty_counts(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["ot"]["qualification"]
+    r["role"] = {
+        "resourceType": "PractitionerRole", "id": "role1", "practitioner": {"reference": "Practitioner/ot1"},
+        "specialty": [{"coding": [{"system": NUCC, "code": "225XM0800X"}]}],
+    }
+    r["session"]["performer"] = [{"actor": {"reference": "PractitionerRole/role1"}}]
+    assert findings(decision_of(r, ruleset), "PERFORMER") == []
+
+
+# -- REMOTE --------------------------------------------------------------------------------------
+
+def test_virtual_encounter_is_an_error(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["encounter"]["class"]["code"] = "VR"
+    d = decision_of(r, ruleset)
+    assert findings(d, "REMOTE") == [("error", "Encounter/e1")]
+
+
+# -- DIAGNOSIS -----------------------------------------------------------------------------------
+
+def test_non_mental_principal_diagnosis_is_an_error(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["condition"]["code"]["coding"][0]["code"] = "M54.50"
+    assert findings(decision_of(r, ruleset), "DIAGNOSIS") == [("error", "Claim/cl1")]
+
+
+def test_missing_diagnosis_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["claim"]["diagnosis"]
+    d = decision_of(r, ruleset)
+    assert findings(d, "DIAGNOSIS") == [("review", "Claim/cl1")] and "principal_diagnosis" in d.missing_data
+
+
+def test_encounter_rank_1_diagnosis_is_used_without_claim_diagnosis(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["claim"]["diagnosis"]
+    r["encounter"]["diagnosis"] = [{"condition": {"reference": "Condition/dx1"}, "rank": 1}]
+    assert findings(decision_of(r, ruleset), "DIAGNOSIS") == []
+
+
+# -- BILL-TYPE -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tob,severity", [("0121", "error"), ("0141", "error"), ("0111", "error"), ("0871", "error"), ("Dummy", "review")])
+def test_wrong_bill_type(ruleset: RuleSet, tob: str, severity: str) -> None:
+    r = php_day()
+    r["claim"]["supportingInfo"][0]["code"]["coding"][0]["code"] = tob
+    assert findings(decision_of(r, ruleset), "BILL-TYPE") == [(severity, "Claim/cl1")]
+
+
+@pytest.mark.parametrize("tob", ["0131", "0761", "0851"])
+def test_php_bill_types_pass(ruleset: RuleSet, tob: str) -> None:
+    r = php_day()
+    r["claim"]["supportingInfo"][0]["code"]["coding"][0]["code"] = tob
+    assert findings(decision_of(r, ruleset), "BILL-TYPE") == []
+
+
+def test_iop_allows_fqhc_and_otp(ruleset: RuleSet) -> None:
+    for tob in ("0771", "0711", "0871"):
+        r = php_day()
+        _make_iop(r)
+        r["claim"]["supportingInfo"][0]["code"]["coding"][0]["code"] = tob
+        assert findings(decision_of(r, ruleset), "BILL-TYPE") == [], tob
+
+
+def test_absent_bill_type_is_review_and_subtype_is_read(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["claim"]["supportingInfo"][0]
+    d = decision_of(r, ruleset)
+    assert findings(d, "BILL-TYPE") == [("review", "Claim/cl1")] and "type_of_bill" in d.missing_data
+    r["claim"]["subType"] = {"coding": [{"system": "https://www.cms.gov/codes/billtype", "code": "131"}]}
+    assert findings(decision_of(r, ruleset), "BILL-TYPE") == []
+
+
+# -- CONDITION-CODE ------------------------------------------------------------------------------
+
+def test_claim_contradicting_encounter_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["supportingInfo"][1]["code"]["coding"][0]["code"] = "92"
+    d = decision_of(r, ruleset)
+    assert d.program == "PHP"
+    assert findings(d, "CONDITION-CODE") == [("review", "Claim/cl1")]
+
+
+def test_absent_condition_code_is_info(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["supportingInfo"].pop()
+    d = decision_of(r, ruleset)
+    assert findings(d, "CONDITION-CODE") == [("info", "Claim/cl1")] and d.outcome == "bill"
+    assert "CONDITION-CODE" in d.rules_passed
+
+
+# -- REVENUE-CODE / CLAIM-LINES ------------------------------------------------------------------
+
+def test_g0129_line_with_wrong_revenue_is_warned_and_corrected(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"].append(claim_line(3, "G0129", revenue="0900"))
+    d = decision_of(r, ruleset)
+    assert findings(d, "REVENUE-CODE") == [("warning", "Claim/cl1#item[2]")]
+    assert d.lines[0].revenue_code == "0430"
+
+
+def test_valid_043x_and_modifiers_are_kept(ruleset: RuleSet) -> None:
+    r = php_day()
+    line = claim_line(3, "G0129", revenue="0431")
+    line["modifier"] = [{"coding": [{"system": HCPCS, "code": "PO"}]}]
+    r["claim"]["item"].append(line)
+    d = decision_of(r, ruleset)
+    assert findings(d, "REVENUE-CODE") == [] and findings(d, "CLAIM-LINES") == []
+    assert (d.lines[0].revenue_code, d.lines[0].modifiers) == ("0431", ("PO",))
+
+
+def test_ehr_line_with_wrong_units_or_no_session_is_flagged(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"].append(claim_line(3, "G0129", revenue="0430", qty=2))
+    r["claim"]["item"].append(claim_line(4, "G0129", revenue="0430", date="2025-03-05"))
+    d = decision_of(r, ruleset)
+    assert findings(d, "CLAIM-LINES") == [("warning", "Claim/cl1#item[2]"), ("warning", "Claim/cl1#item[3]")]
+
+
+def test_unknown_modifier_extension_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"][0]["modifierExtension"] = [{"url": "http://example.org/infoChanged", "valueCode": "changed"}]
+    assert findings(decision_of(r, ruleset), "CLAIM-LINES") == [("review", "Claim/cl1#item[0]")]
+
+
+# -- DAY-SERVICES / OT-ONLY-DAY ------------------------------------------------------------------
+
+def test_day_tiers(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"].append(claim_line(3, "90853", system=CPT, revenue="0915"))
+    d = decision_of(r, ruleset)
+    assert findings(d, "DAY-SERVICES") == [("info", "Encounter/e1")]
+    assert "tier 4+" in next(f.message for f in d.findings if f.rule == "DAY-SERVICES")
+
+
+def test_fewer_than_three_services_is_warning(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"].pop()
+    d = decision_of(r, ruleset)
+    assert findings(d, "DAY-SERVICES") == [("warning", "Encounter/e1")] and d.outcome == "bill"
+
+
+def test_ot_and_activity_only_day_is_warning(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["claim"]["item"] = [claim_line(1, "G0176", revenue="0904"), claim_line(2, "G0176", revenue="0904")]
+    d = decision_of(r, ruleset)
+    assert findings(d, "OT-ONLY-DAY") == [("warning", "Encounter/e1")]
+    assert findings(d, "DAY-SERVICES") == [("info", "Encounter/e1")]
+
+
+# -- PAYER ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,key", [("Aetna Better Health", "aetna"), ("Cigna Healthcare", "cigna"), ("UnitedHealthcare", "uhc")])
+def test_payers_without_policy_data_are_review(ruleset: RuleSet, name: str, key: str) -> None:
+    r = php_day()
+    r["cms"]["name"] = name
+    r["coverage"]["type"]["coding"][0]["code"] = "5"  # private health insurance
+    d = decision_of(r, ruleset)
+    assert d.payer == key
+    assert findings(d, "PAYER") == [("review", "Coverage/cov1")]
+    assert "data not available" in next(f.message for f in d.findings if f.rule == "PAYER")
+
+
+def test_bcbs_accepts_php_refuses_iop(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["cms"]["name"] = "Blue Cross and Blue Shield of North Carolina"
+    assert findings(decision_of(r, ruleset), "PAYER") == []
+    _make_iop(r)
+    d = decision_of(r, ruleset)
+    assert findings(d, "PAYER") == [("error", "Coverage/cov1")] and d.outcome == "do-not-bill"
+
+
+def test_unknown_payer_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["coverage"]["type"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/coverage-selfpay", "code": "pay"}]}
+    r["coverage"]["payor"] = [{"reference": "Patient/p1"}]
+    d = decision_of(r, ruleset)
+    assert d.payer == "unknown" and findings(d, "PAYER") == [("review", "Coverage/cov1")]
+
+
+def test_coverage_found_through_patient_when_claim_has_none(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["claim"]
+    d = decision_of(r, ruleset)
+    assert d.payer == "medicare"
+
+
+# -- DOCUMENTATION -------------------------------------------------------------------------------
+
+def test_missing_documentation_is_warned_element_by_element(ruleset: RuleSet) -> None:
+    r = php_day()
+    del r["evaluation"], r["goal"], r["coordination"]
+    del r["session"]["note"], r["session"]["outcome"]
+    d = decision_of(r, ruleset)
+    assert findings(d, "DOCUMENTATION") == [("warning", "Encounter/e1")]
+    assert set(d.missing_data) == {"ot_evaluation", "measurable_goals", "coordination_notes", "skilled_activities", "progress"}
+    assert d.outcome == "bill"
