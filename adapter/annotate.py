@@ -10,10 +10,11 @@ derive from the encounter, so a re-run never makes a second one.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 from typing import Any
+
+import orjson
 
 from .case import Case, codings
 from .decision import Decision, Line
@@ -191,7 +192,8 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     Because this is idempotent, `annotate(c) == c` means the Claim already says everything the
     decision says: a writer uses that to skip a write (and so never loops on its own writes).
     """
-    out = copy.deepcopy(claim)
+    # A JSON round trip is a deep copy several times faster than copy.deepcopy.
+    out: Resource = orjson.loads(orjson.dumps(claim))
     for line in decision.lines:
         _put_line(out, line, decision.encounter, rules)
     if decision.program:

@@ -172,6 +172,7 @@ class _Builder:
         self._claims_by_encounter: dict[str, list[Entry]] = {}
         self._by_patient: dict[tuple[str, str], list[Entry]] = {}
         self._by_encounter: dict[tuple[str, str], list[Entry]] = {}
+        self._coverages_by_patient: dict[str, list[Entry]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._group()
 
@@ -191,6 +192,10 @@ class _Builder:
                 bucket = self._claims_by_encounter.setdefault(enc, [])
                 if claim not in bucket:
                     bucket.append(claim)
+        for cov in self.index.of_type("Coverage"):
+            patient = self._key_of(cov.resource.get("beneficiary"), cov)
+            if patient:
+                self._coverages_by_patient.setdefault(patient, []).append(cov)
         for rtype in self._doc_types:
             for entry in self.index.of_type(rtype):
                 res = entry.resource
@@ -388,9 +393,9 @@ class _Builder:
         if patient is None:
             return None, None, None
         candidates = []
-        for cov in self.index.of_type("Coverage"):
+        for cov in self._coverages_by_patient.get(patient, ()):
             res = cov.resource
-            if res.get("status") != "active" or self._key_of(res.get("beneficiary"), cov) != patient:
+            if res.get("status") != "active":
                 continue
             period = res.get("period") or {}
             if date and isinstance(period, dict):

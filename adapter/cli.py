@@ -64,7 +64,7 @@ def _report_errors(errors: list[InputError], stderr: IO[str]) -> None:
 
 def _replay(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> int:
     index, errors, nfiles = _load(args.paths, stderr)
-    result = evaluate(index, rules)
+    result = evaluate(index, rules, validate_claims=args.validate)
     errors.extend(result.errors)
     outcomes = Counter(d.outcome for d in result.decisions)
     by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
@@ -122,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="decide FHIR bundles/NDJSON offline and write the results to a directory")
     replay.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory")
     replay.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
+    replay.add_argument(
+        "--no-validate", dest="validate", action="store_false",
+        help="skip the R4 model validation of each annotated Claim (about 4x faster bulk re-runs)",
+    )
     replay.set_defaults(run=_replay)
     evaluate_ = sub.add_parser("evaluate", help="print decisions as NDJSON on stdout; write nothing")
     evaluate_.add_argument("paths", nargs="+", type=Path, metavar="PATH")

@@ -49,41 +49,39 @@ def _model_module_names() -> frozenset[str]:
     return frozenset(p[:-3] for p in os.listdir(folder) if p.endswith(".py"))
 
 
-@dataclass(slots=True)
 class Entry:
-    """One resource as it came in, with where it came from."""
+    """One resource as it came in, with where it came from.
 
-    resource: Resource
-    source: str
-    full_url: str | None = None
+    `key` is `Type/id` (or the fullUrl for a resource without an id); `base` is the server base
+    of the fullUrl, against which the entry's relative references resolve. Both are computed
+    once: reference resolution asks for them hundreds of thousands of times in a big replay.
+    """
 
-    @property
-    def type(self) -> str:
-        return str(self.resource["resourceType"])
+    __slots__ = ("resource", "source", "full_url", "type", "id", "key", "base")
 
-    @property
-    def id(self) -> str | None:
-        rid = self.resource.get("id")
-        return str(rid) if rid is not None else None
-
-    @property
-    def key(self) -> str:
-        """`Type/id`, or the fullUrl for a resource without an id."""
+    def __init__(self, resource: Resource, source: str, full_url: str | None = None) -> None:
+        self.resource = resource
+        self.source = source
+        self.full_url = full_url
+        self.type = str(resource["resourceType"])
+        rid = resource.get("id")
+        self.id = str(rid) if rid is not None else None
         if self.id is not None:
-            return f"{self.type}/{self.id}"
-        return self.full_url or f"{self.type}/@{id(self.resource)}"
+            self.key = f"{self.type}/{self.id}"
+        else:
+            self.key = full_url or f"{self.type}/@{id(resource)}"
+        self.base = _base_of(full_url)
 
-    @property
-    def base(self) -> str | None:
-        """The server base of this entry's fullUrl, against which relative references resolve."""
-        url = self.full_url
-        if not url or "://" not in url:
-            return None
-        parts = url.rstrip("/").split("/")
-        # .../fhir/Claim/123 -> .../fhir/
-        if len(parts) >= 3:
-            return "/".join(parts[:-2]) + "/"
+    def __repr__(self) -> str:
+        return f"Entry({self.key!r}, source={self.source!r})"
+
+
+def _base_of(url: str | None) -> str | None:
+    if not url or "://" not in url:
         return None
+    parts = url.rstrip("/").split("/")
+    # .../fhir/Claim/123 -> .../fhir/
+    return "/".join(parts[:-2]) + "/" if len(parts) >= 5 else None
 
 
 def _version_rank(resource: Resource) -> tuple[int, str]:
@@ -181,10 +179,10 @@ def _check_resource(value: Any, source: str) -> Resource:
     return value
 
 
-def _walk(resource: Resource, source: str, full_url: str | None, errors: list[InputError]) -> Iterator[Entry]:
-    """Yield the resource, or for a Bundle its entries' resources (recursively)."""
+def _walk(resource: Resource, source: str, full_url: str | None, out: list[Entry], errors: list[InputError]) -> None:
+    """Append the resource, or for a Bundle its entries' resources (recursively), to `out`."""
     if resource["resourceType"] != "Bundle":
-        yield Entry(resource, source, full_url)
+        out.append(Entry(resource, source, full_url))
         return
     entries = resource.get("entry") or []
     if not isinstance(entries, list):
@@ -194,20 +192,19 @@ def _walk(resource: Resource, source: str, full_url: str | None, errors: list[In
         if not isinstance(item, dict):
             errors.append(InvalidResource(f"Bundle.entry[{n}] must be an object", source))
             continue
-        request = item.get("request") or {}
+        request = item.get("request")
         if isinstance(request, dict) and request.get("method") == "DELETE":
             continue
         inner = item.get("resource")
         if inner is None:
             continue  # response-only or GET entries carry no resource
-        where = f"{source} Bundle.entry[{n}]"
         try:
-            inner = _check_resource(inner, where)
+            inner = _check_resource(inner, f"{source} Bundle.entry[{n}]")
         except InputError as exc:
             errors.append(exc)
             continue
         fu = item.get("fullUrl")
-        yield from _walk(inner, source, fu if isinstance(fu, str) else None, errors)
+        _walk(inner, source, fu if isinstance(fu, str) else None, out, errors)
 
 
 def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Entry], list[InputError]]:
@@ -231,7 +228,7 @@ def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Ent
             except InputError as exc:
                 errors.append(exc)
                 continue
-            entries.extend(_walk(resource, where, None, errors))
+            _walk(resource, where, None, entries, errors)
         return entries, errors
     try:
         value = orjson.loads(data)
@@ -241,7 +238,7 @@ def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Ent
         resource = _check_resource(value, source)
     except InputError as exc:
         return [], [exc]
-    entries.extend(_walk(resource, source, None, errors))
+    _walk(resource, source, None, entries, errors)
     return entries, errors
 
 
