@@ -47,8 +47,8 @@ FHIR_JSON = "application/fhir+json"
 SearchParams = Mapping[str, str] | Sequence[tuple[str, str]]
 
 # FHIR R4 `id` and resource-type grammars. Ids arrive in webhook URLs, so they are checked
-# before they become part of a request path.
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# before they become part of a request path; "." and ".." fit the grammar but are path segments.
+_ID = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9\-.]{1,64}")
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _WEAK_ETAG = re.compile(r'^(?:W/)?"([^"]+)"$')
 

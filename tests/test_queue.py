@@ -1,0 +1,410 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapter.errors import UsageError
+from adapter.queue import Job, JobQueue
+from adapter.retry import RetryPolicy
+from adapter.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_000_000.0
+# No jitter, so backoff times can be asserted exactly.
+POLICY = RetryPolicy(
+    base_delay=10.0, factor=2.0, max_delay=100.0, jitter=0.0, retry_after_cap=300.0
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(tmp_path: Path, clock: Clock) -> Iterator[JobQueue]:
+    with JobQueue(
+        tmp_path / "data" / "queue.sqlite3",
+        policy=POLICY,
+        retry_for=3600.0,
+        dead_letter_attempts=3,
+        lease_seconds=60.0,
+        clock=clock,
+    ) as queue:
+        yield queue
+
+
+def add(
+    queue: JobQueue, resource_id: str = "c1", version_id: str = "1", kind: str = "claim"
+) -> bool:
+    return queue.enqueue(
+        kind, "Claim", resource_id, version_id, b'{"resourceType":"Claim"}', "webhook"
+    )
+
+
+def claim(queue: JobQueue, now: float) -> Job:
+    job = queue.claim_next(now)
+    assert job is not None
+    return job
+
+
+# --- enqueue and dedup ---------------------------------------------------------------------
+
+
+def test_enqueue_then_claim_returns_the_job(queue: JobQueue) -> None:
+    assert add(queue) is True
+
+    job = claim(queue, T0)
+
+    assert (job.kind, job.resource_type, job.resource_id, job.version_id) == (
+        "claim",
+        "Claim",
+        "c1",
+        "1",
+    )
+    assert job.payload == b'{"resourceType":"Claim"}'
+    assert job.source == "webhook"
+    assert job.state == "pending"
+    assert job.lease_until == T0 + 60.0
+    assert queue.claim_next(T0) is None  # leased
+
+
+def test_same_version_is_deduplicated_in_every_state(queue: JobQueue) -> None:
+    assert add(queue) is True
+    assert add(queue) is False
+    queue.complete(claim(queue, T0).id)
+    assert add(queue) is False  # a redelivery after the work is done is still a duplicate
+    assert add(queue, version_id="2") is True
+    assert add(queue, resource_id="c2") is True
+    assert queue.counts() == {"pending": 2, "done": 1, "dead": 0}
+
+
+def test_id_only_jobs_dedupe_while_waiting_but_not_once_claimed(queue: JobQueue) -> None:
+    assert add(queue, version_id="") is True
+    assert add(queue, version_id="") is False
+    assert add(queue, version_id="", kind="delete") is True  # another kind of work
+
+    claim(queue, T0)
+
+    # The claimed job may already have read an older version; this change needs its own job.
+    assert add(queue, version_id="") is True
+    assert add(queue, version_id="") is False
+
+
+def test_claims_come_in_order_and_respect_not_before(queue: JobQueue, clock: Clock) -> None:
+    add(queue, "a")
+    clock.now += 1
+    add(queue, "b")
+
+    first = claim(queue, T0 + 1)
+    queue.retry_later(first.id, "busy", transient=True, now=T0 + 1)
+
+    assert claim(queue, T0 + 1).resource_id == "b"
+    assert queue.claim_next(T0 + 10) is None
+    assert claim(queue, T0 + 11).resource_id == "a"
+
+
+# --- leases --------------------------------------------------------------------------------
+
+
+def test_an_expired_lease_makes_the_job_claimable_again(queue: JobQueue) -> None:
+    add(queue)
+    job = claim(queue, T0)
+
+    assert queue.claim_next(T0 + 59) is None
+    again = claim(queue, T0 + 60)
+
+    assert again.id == job.id
+    assert again.attempts == 1  # the lost worker counts as an attempt
+    assert again.lease_until == T0 + 120
+
+
+def test_a_job_that_keeps_killing_its_worker_is_dead_lettered(queue: JobQueue) -> None:
+    add(queue)
+    now = T0
+    for _ in range(3):
+        claim(queue, now)
+        now += 60
+
+    assert queue.claim_next(now) is None
+    (dead,) = queue.list("dead")
+    assert "stopped 3 times" in (dead.last_error or "")
+
+
+# --- failures, backoff, dead letters -------------------------------------------------------
+
+
+def test_transient_failures_back_off_exponentially_and_do_not_count_as_attempts(
+    queue: JobQueue,
+) -> None:
+    add(queue)
+    now = T0
+    waits = []
+    for _ in range(5):
+        job = claim(queue, now)
+        assert queue.retry_later(job.id, "503 from server", transient=True, now=now) == "pending"
+        next_try = queue.get(job.id).not_before
+        waits.append(next_try - now)
+        now = next_try
+
+    assert waits == [10.0, 20.0, 40.0, 80.0, 100.0]
+    job = queue.get(job.id)
+    assert (job.attempts, job.tries, job.last_error) == (0, 5, "503 from server")
+    assert job.lease_until is None
+
+
+def test_retry_after_replaces_the_backoff(queue: JobQueue) -> None:
+    add(queue)
+    job = claim(queue, T0)
+
+    queue.retry_later(job.id, "429", transient=True, now=T0, retry_after=250.0)
+
+    assert queue.get(job.id).not_before == T0 + 250.0
+
+
+def test_transient_failures_go_dead_once_the_retry_window_is_over(queue: JobQueue) -> None:
+    add(queue)
+    job = claim(queue, T0)
+    assert queue.retry_later(job.id, "down", transient=True, now=T0 + 3599) == "pending"
+
+    job = claim(queue, T0 + 3700)
+    assert queue.retry_later(job.id, "still down", transient=True, now=T0 + 3700) == "dead"
+
+    (dead,) = queue.list("dead")
+    assert "still down" in (dead.last_error or "") and "3700 s" in (dead.last_error or "")
+
+
+def test_fatal_failures_dead_letter_after_n_attempts(queue: JobQueue) -> None:
+    add(queue)
+    now = T0
+    states = []
+    for _ in range(3):
+        job = claim(queue, now)
+        states.append(queue.retry_later(job.id, "400 bad request", transient=False, now=now))
+        now = queue.get(job.id).not_before
+
+    assert states == ["pending", "pending", "dead"]
+    dead = queue.get(job.id)
+    assert dead.state == "dead"
+    assert dead.attempts == 3
+    assert dead.last_error == "failed 3 times: 400 bad request"
+    assert queue.claim_next(now + 10_000) is None
+
+
+def test_dead_letter_now(queue: JobQueue) -> None:
+    add(queue)
+    job = claim(queue, T0)
+
+    queue.dead_letter(job.id, "Claim was deleted")
+
+    assert queue.get(job.id).last_error == "Claim was deleted"
+    assert queue.counts() == {"pending": 0, "done": 0, "dead": 1}
+    with pytest.raises(UsageError):
+        queue.dead_letter(999, "nope")
+
+
+def test_complete(queue: JobQueue) -> None:
+    add(queue)
+    job = claim(queue, T0)
+
+    queue.complete(job.id)
+
+    done = queue.get(job.id)
+    assert (done.state, done.lease_until) == ("done", None)
+    assert queue.claim_next(T0 + 10_000) is None
+
+
+# --- operator actions ----------------------------------------------------------------------
+
+
+def bury(queue: JobQueue, resource_id: str) -> int:
+    add(queue, resource_id)
+    job = claim(queue, T0)
+    queue.dead_letter(job.id, "broken")
+    return job.id
+
+
+def test_retry_one_or_all_dead_jobs(queue: JobQueue, clock: Clock) -> None:
+    a, b, c = (bury(queue, name) for name in "abc")
+    clock.now = T0 + 500
+
+    assert queue.retry(a) == 1
+    assert queue.retry(a) == 0  # no longer dead
+    revived = queue.get(a)
+    assert (revived.state, revived.attempts, revived.tries) == ("pending", 0, 0)
+    assert revived.window_start == revived.not_before == T0 + 500
+
+    assert queue.retry() == 2
+    assert {job.id for job in queue.list("pending")} == {a, b, c}
+
+
+def test_purge_done_and_dead_but_never_pending(queue: JobQueue, clock: Clock) -> None:
+    bury(queue, "a")
+    add(queue, "b")
+    queue.complete(claim(queue, T0).id)
+    clock.now = T0 + 100
+    add(queue, "c")
+    queue.complete(claim(queue, T0 + 100).id)
+    add(queue, "d")
+
+    assert queue.purge("done", before=T0 + 50) == 1
+    assert queue.purge("done") == 1
+    assert queue.purge("dead") == 1
+    with pytest.raises(UsageError):
+        queue.purge("pending")
+    assert queue.counts() == {"pending": 1, "done": 0, "dead": 0}
+
+
+def test_list_rejects_unknown_states(queue: JobQueue) -> None:
+    with pytest.raises(UsageError, match="in_progress"):
+        queue.list("in_progress")  # type: ignore[arg-type]
+
+
+def test_unknown_job_ids_are_usage_errors(queue: JobQueue) -> None:
+    with pytest.raises(UsageError, match="no job 42"):
+        queue.get(42)
+    with pytest.raises(UsageError):
+        queue.complete(42)
+    with pytest.raises(UsageError):
+        queue.retry_later(42, "x", transient=True, now=T0)
+
+
+# --- service state -------------------------------------------------------------------------
+
+
+def test_checkpoints(queue: JobQueue) -> None:
+    assert queue.get_checkpoint("claim-catchup") is None
+
+    queue.set_checkpoint("claim-catchup", "2026-07-24T12:00:00Z")
+    queue.set_checkpoint("claim-catchup", "2026-07-24T12:05:00Z")
+
+    assert queue.get_checkpoint("claim-catchup") == "2026-07-24T12:05:00Z"
+
+
+def test_event_numbers_only_move_forward(queue: JobQueue) -> None:
+    assert queue.last_event_number("Subscription/s1") is None
+
+    assert queue.record_event_number("Subscription/s1", 21) is None
+    assert queue.record_event_number("Subscription/s1", 23) == 21  # a gap the caller can see
+    assert queue.record_event_number("Subscription/s1", 22) == 23  # late delivery
+
+    assert queue.last_event_number("Subscription/s1") == 23
+    assert queue.last_event_number("Subscription/s2") is None
+
+
+def test_own_writes(queue: JobQueue) -> None:
+    queue.record_own_write("c1", "4")
+    queue.record_own_write("c1", "4")  # idempotent
+
+    assert queue.is_own_write("c1", "4")
+    assert not queue.is_own_write("c1", "5")
+    assert not queue.is_own_write("c2", "4")
+
+
+# --- durability and sharing ----------------------------------------------------------------
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    with JobQueue(path) as queue:
+        add(queue)
+        queue.set_checkpoint("x", "1")
+        queue.record_own_write("c1", "2")
+
+    with JobQueue(path) as queue:
+        assert [job.resource_id for job in queue.list("pending")] == ["c1"]
+        assert queue.get_checkpoint("x") == "1"
+        assert queue.is_own_write("c1", "2")
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "q.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    db.close()
+
+    with pytest.raises(UsageError, match="newer"):
+        JobQueue(path)
+
+
+def test_kill_9_loses_no_accepted_job(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from adapter.queue import JobQueue
+        queue = JobQueue({str(path)!r})
+        for n in range(20):
+            queue.enqueue("claim", "Claim", f"c{{n}}", "1", None, "webhook")
+        print("accepted", flush=True)
+        time.sleep(60)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "accepted"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
+    with JobQueue(path) as queue:
+        assert queue.counts()["pending"] == 20
+        assert {job.resource_id for job in queue.list("pending")} == {f"c{n}" for n in range(20)}
+
+
+def test_threads_never_claim_the_same_job_twice(tmp_path: Path) -> None:
+    with JobQueue(tmp_path / "q.sqlite3") as queue:
+        for n in range(200):
+            queue.enqueue("claim", "Claim", f"c{n}", "1", None, "test")
+        claimed: list[int] = []
+
+        def worker() -> None:
+            while (job := queue.claim_next(T0 * 10_000)) is not None:
+                claimed.append(job.id)
+                queue.complete(job.id)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        assert sorted(claimed) == sorted(set(claimed))
+        assert len(claimed) == 200
+        assert queue.counts() == {"pending": 0, "done": 200, "dead": 0}
+
+
+def test_from_settings_puts_the_file_in_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"G0129_DATA_DIR": str(tmp_path / "state")})
+
+    with JobQueue.from_settings(settings) as queue:
+        assert queue.path == tmp_path / "state" / "queue.sqlite3"
+        assert queue.path.exists()
