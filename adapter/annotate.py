@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .case import Case, codings
+from .case import CLAIM_ENCOUNTER_EXTENSION, Case, codings
 from .decision import Decision, Line
 from .rules import G0129
 from .ruleset import RuleSet
@@ -56,6 +56,9 @@ def draft_claim(case: Case, rules: RuleSet) -> Resource:
     claim: Resource = {
         "resourceType": "Claim",
         "id": draft_claim_id(case.encounter),
+        # Linked to its encounter even while it has no line (a do-not-bill day), so the next
+        # run finds it instead of making another.
+        "extension": [{"url": CLAIM_ENCOUNTER_EXTENSION, "valueReference": {"reference": case.encounter}}],
         "identifier": [{"system": DRAFT_IDENTIFIER_SYSTEM, "value": case.encounter}],
         "status": "draft",
         "type": {"coding": [{"system": rules.system_uri("claim_type"), "code": "institutional"}]},

@@ -66,6 +66,7 @@ class ClaimLine:
     service_date: str | None
     modifiers: tuple[str, ...]
     has_modifier_extension: bool
+    encounters: tuple[str, ...] = ()  # item.encounter, resolved to Encounter/<id>
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,13 @@ class Case:
             if len(programs) == 1:
                 return next(iter(programs))
         return None
+
+    def owns(self, line: ClaimLine) -> bool:
+        """Whether a claim line bills this encounter (a claim may bill several PHP days)."""
+        if line.encounters:
+            return self.encounter in line.encounters
+        dates = {s.service_date for s in self.sessions} | {self.encounter_date}
+        return line.service_date is None or line.service_date in dates
 
     @property
     def claim_ref(self) -> str | None:
@@ -294,6 +302,7 @@ class _Builder:
                     service_date=date,
                     modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
                     has_modifier_extension=bool(item.get("modifierExtension")),
+                    encounters=tuple(k for k in (self._key_of(r, claim) for r in item.get("encounter") or ()) if k),
                 )
             )
         return tuple(lines)

@@ -47,7 +47,7 @@ def plan_lines(case: Case, rules: RuleSet) -> Plan:
             by_date[session.service_date].append(session)
     existing = {}
     for line in case.claim_lines:
-        if _is_g0129(line.system, line.code) and line.service_date and line.service_date not in existing:
+        if case.owns(line) and _is_g0129(line.system, line.code) and line.service_date and line.service_date not in existing:
             existing[line.service_date] = line
     lines = []
     for date in sorted(by_date):
@@ -221,7 +221,7 @@ def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
             f"{case.claim_ref}#item[{line.index}]",
         )
         for line in case.claim_lines
-        if _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
+        if case.owns(line) and _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
     ]
 
 
@@ -230,6 +230,8 @@ def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> 
     planned = {line.service_date: line for line in plan.lines}
     seen: set[str] = set()
     for line in case.claim_lines:
+        if not case.owns(line):
+            continue
         subject = f"{case.claim_ref}#item[{line.index}]"
         if line.has_modifier_extension:
             findings.append(
