@@ -97,10 +97,13 @@ class FHIRClient:
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_retry: Callable[[FHIRError], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
+        # Told of every retried failure (the service counts them in /metrics).
+        self._on_retry = on_retry
         self._http = httpx.AsyncClient(
             auth=auth,
             timeout=timeout,
@@ -113,16 +116,23 @@ class FHIRClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+        cls,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        on_retry: Callable[[FHIRError], None] | None = None,
     ) -> FHIRClient:
         if settings.fhir_base_url is None:
             raise UsageError("G0129_FHIR_BASE_URL must be set to talk to a FHIR server")
         return cls(
             settings.fhir_base_url,
             auth=auth_from_settings(settings),
-            timeout=settings.http_timeout,
-            retry=settings.http_retry_policy(),
+            timeout=timeout if timeout is not None else settings.http_timeout,
+            retry=retry or settings.http_retry_policy(),
             transport=transport,
+            on_retry=on_retry,
         )
 
     async def __aenter__(self) -> FHIRClient:
@@ -222,6 +232,19 @@ class FHIRClient:
             raise InvalidResource("not a transaction Bundle")
         return _json(await self._request("POST", self.base_url, json_body=bundle, idempotent=False))
 
+    async def batch(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a batch Bundle; returns the batch-response Bundle.
+
+        A batch of GETs changes nothing, so it is retried like a read; one with writes is
+        retried only when nothing can have been written, as a transaction is.
+        """
+        if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "batch":
+            raise InvalidResource("not a batch Bundle")
+        reads_only = all(
+            isinstance(e, Mapping) and (e.get("request") or {}).get("method") == "GET" for e in bundle.get("entry") or ()
+        )
+        return _json(await self._request("POST", self.base_url, json_body=bundle, idempotent=reads_only))
+
     async def capabilities(self) -> dict[str, Any]:
         """GET `[base]/metadata`: the CapabilityStatement, which also proves the server is up."""
         statement = _json(await self._request("GET", f"{self.base_url}/metadata"))
@@ -291,6 +314,8 @@ class FHIRClient:
             retry_after = error.retry_after if isinstance(error, TransientFHIRError) else None
             delay = self._retry.delay(attempt, retry_after)
             log.warning("%s; retry %d in %.1f s", error, attempt, delay)
+            if self._on_retry is not None:
+                self._on_retry(error)
             await self._sleep(delay)
 
 

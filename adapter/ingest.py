@@ -25,6 +25,7 @@ __all__ = [
     "Entry",
     "Index",
     "load_bytes",
+    "load_value",
     "load_paths",
     "iter_input_files",
 ]
@@ -207,38 +208,42 @@ def _walk(resource: Resource, source: str, full_url: str | None, out: list[Entry
         _walk(inner, source, fu if isinstance(fu, str) else None, out, errors)
 
 
-def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Entry], list[InputError]]:
-    """Parse one input's bytes (a JSON resource/Bundle, or NDJSON) into entries and errors."""
+def load_value(value: Any, source: str) -> tuple[list[Entry], list[InputError]]:
+    """Entries of an already-parsed JSON value: a resource or a Bundle (e.g. a search result)."""
     errors: list[InputError] = []
     entries: list[Entry] = []
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if ndjson:
-        for lineno, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{source}:{lineno}"
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                errors.append(InvalidJSON(f"malformed JSON ({exc})", where))
-                continue
-            try:
-                resource = _check_resource(value, where)
-            except InputError as exc:
-                errors.append(exc)
-                continue
-            _walk(resource, where, None, entries, errors)
-        return entries, errors
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
     try:
         resource = _check_resource(value, source)
     except InputError as exc:
         return [], [exc]
     _walk(resource, source, None, entries, errors)
+    return entries, errors
+
+
+def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Entry], list[InputError]]:
+    """Parse one input's bytes (a JSON resource/Bundle, or NDJSON) into entries and errors."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not ndjson:
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
+        return load_value(value, source)
+    errors: list[InputError] = []
+    entries: list[Entry] = []
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            errors.append(InvalidJSON(f"malformed JSON ({exc})", where))
+            continue
+        found, errs = load_value(value, where)
+        entries.extend(found)
+        errors.extend(errs)
     return entries, errors
 
 

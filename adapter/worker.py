@@ -1,0 +1,193 @@
+"""The worker: takes jobs from the durable queue, decides, writes back.
+
+A job is a changed resource (from a notification or the catch-up search) or a catch-up run.
+Failures are sorted by what can fix them: an outage (network, timeout, 429, 5xx) or a version
+conflict that keeps recurring puts the job back with backoff, for as long as the queue's
+retry window allows; anything retrying cannot fix counts toward the dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from .annotate import annotate, draft_claim
+from .errors import AdapterError, TransientFHIRError, VersionConflict
+from .fhir_client import FHIRClient
+from .fhir_models import validate
+from .gather import encounters_touched, gather_case
+from .metrics import Metrics
+from .notifications import Change
+from .queue import Job, JobQueue
+from .rules import decide
+from .ruleset import RuleSet
+from .writeback import Writer
+
+__all__ = ["CATCH_UP", "CHECKPOINT", "RESOURCE", "Worker"]
+
+log = logging.getLogger(__name__)
+
+RESOURCE = "resource"  # job kind: look at this resource (version)
+CATCH_UP = "catch-up"  # job kind: search for what changed since the checkpoint
+CHECKPOINT = "lastUpdated"
+WATCHED = ("Encounter", "Procedure", "Claim")
+MAX_CONFLICTS = 3
+# Searched from a little before the checkpoint: resources updated in the same instant as the
+# last one seen are not missed; the queue's deduplication drops the repeats.
+OVERLAP = timedelta(seconds=2)
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        client: FHIRClient,
+        rules: RuleSet,
+        metrics: Metrics,
+        *,
+        dry_run: bool = False,
+        catch_up_interval: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.queue = queue
+        self.client = client
+        self.rules = rules
+        self.metrics = metrics
+        self.clock = clock
+        self.catch_up_interval = catch_up_interval
+        self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, idle: float = 0.2) -> None:
+        """Work until `stop` is set; sleep `idle` seconds when there is nothing to do."""
+        while not stop.is_set():
+            if not await self.run_once():
+                try:
+                    await asyncio.wait_for(stop.wait(), idle)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def run_once(self) -> bool:
+        """Process the next due job; False when there was none."""
+        job = await asyncio.to_thread(self.queue.claim_next, self.clock())
+        if job is None:
+            return False
+        try:
+            await self.process(job)
+        except (TransientFHIRError, VersionConflict) as exc:
+            retry_after = exc.retry_after if isinstance(exc, TransientFHIRError) else None
+            self.metrics.retries.labels("job").inc()
+            self._failed(job, str(exc), True, retry_after)
+        except AdapterError as exc:
+            self._failed(job, f"{type(exc).__name__}: {exc}", False)
+        except Exception as exc:  # a bug must not stop the worker; the job shows it
+            log.exception("job %s failed unexpectedly", job.id)
+            self._failed(job, f"unexpected {type(exc).__name__}: {exc}", False)
+        else:
+            self.queue.complete(job.id)
+            self.metrics.latency.observe(max(0.0, self.clock() - job.accepted_at))
+        return True
+
+    def _failed(self, job: Job, error: str, transient: bool, retry_after: float | None = None) -> None:
+        state = self.queue.retry_later(job.id, error, transient, self.clock(), retry_after)
+        if state == "dead":
+            self.metrics.dead_letters.inc()
+            log.error("job %s (%s/%s) dead-lettered: %s", job.id, job.resource_type, job.resource_id, error)
+        else:
+            log.warning("job %s (%s/%s) will be retried: %s", job.id, job.resource_type, job.resource_id, error)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def process(self, job: Job) -> None:
+        if job.kind == CATCH_UP:
+            await self.catch_up()
+            return
+        payload: dict[str, Any] | None = orjson.loads(job.payload) if job.payload else None
+        change = Change(job.resource_type, job.resource_id, job.version_id, payload)
+        if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(change.resource_id, change.version_id):
+            self.metrics.writebacks.labels("own-echo").inc()
+            return
+        extra = [payload] if payload and change.resource_type == "Claim" else []
+        for encounter_id in await encounters_touched(self.client, change):
+            await self.decide_and_write(encounter_id, extra)
+
+    async def decide_and_write(self, encounter_id: str, extra: list[dict[str, Any]] = []) -> None:  # noqa: B006
+        """Gather, decide, annotate, write; on a version conflict start over from a fresh read."""
+        for _ in range(MAX_CONFLICTS):
+            case, _index = await gather_case(self.client, encounter_id, self.rules, extra)
+            # A Claim carried by the notification may be older than the server's: after a
+            # conflict, only what the server says now counts.
+            extra = []
+            if case is None:
+                return
+            decision = decide(case, self.rules)
+            self.metrics.decisions.labels(decision.outcome).inc()
+            current = case.claim.resource if case.claim is not None else None
+            annotated = annotate(current if current is not None else draft_claim(case, self.rules), decision, self.rules)
+            validate(annotated, f"annotated Claim for {case.encounter}")
+            entities = [_versioned(case.encounter_resource)] + [_versioned(s.resource) for s in case.sessions]
+            if current is not None:
+                entities.append(_versioned(current))
+            try:
+                result = await self.writer.write(annotated, current, [decision], entities)
+            except VersionConflict:
+                self.metrics.writebacks.labels("conflict").inc()
+                continue
+            self.metrics.writebacks.labels(result.result).inc()
+            if result.diff:
+                log.info("dry run, not written:\n%s", result.diff)
+            return
+        raise VersionConflict(f"Encounter/{encounter_id}: the Claim kept changing under us ({MAX_CONFLICTS} tries)")
+
+    async def catch_up(self) -> int:
+        """Queue every watched resource changed since the checkpoint; returns how many were new."""
+        since = self.queue.get_checkpoint(CHECKPOINT)
+        if since is None:
+            start = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(seconds=self.catch_up_interval)
+        else:
+            start = datetime.fromisoformat(since) - OVERLAP
+        newest = since
+        queued = 0
+        for rtype in WATCHED:
+            params = [("_lastUpdated", f"ge{start.isoformat(timespec='milliseconds')}"), ("_sort", "_lastUpdated"), ("_count", "100")]
+            for resource in await self.client.search(rtype, params):
+                meta = resource.get("meta") or {}
+                version = str(meta.get("versionId") or "")
+                updated = meta.get("lastUpdated")
+                if isinstance(updated, str) and (newest is None or _instant(updated) > _instant(newest)):
+                    newest = updated
+                if self.queue.enqueue(RESOURCE, rtype, str(resource["id"]), version, orjson.dumps(resource), "catch-up"):
+                    queued += 1
+                else:
+                    self.metrics.deduplicated.inc()
+        if newest is not None and newest != since:
+            self.queue.set_checkpoint(CHECKPOINT, newest)
+        elif since is None:
+            self.queue.set_checkpoint(CHECKPOINT, start.isoformat())
+        return queued
+
+    async def tick_catch_up(self, stop: asyncio.Event) -> None:
+        """Queue a catch-up run every `catch_up_interval` seconds, starting now."""
+        while not stop.is_set():
+            await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", "periodic", "", None, "timer")
+            try:
+                await asyncio.wait_for(stop.wait(), self.catch_up_interval)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _versioned(resource: dict[str, Any]) -> str:
+    meta = resource.get("meta") or {}
+    ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+    return f"{ref}/_history/{meta['versionId']}" if meta.get("versionId") else ref

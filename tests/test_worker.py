@@ -1,0 +1,241 @@
+"""The worker against a FHIR server (respx routes every call to an in-memory FHIR server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import respx
+
+from adapter.annotate import DECISION_EXTENSION, TAG_SYSTEM
+from adapter.fhir_client import FHIRClient
+from adapter.metrics import Metrics
+from adapter.queue import JobQueue
+from adapter.retry import RetryPolicy
+from adapter.ruleset import RuleSet
+from adapter.worker import CATCH_UP, CHECKPOINT, RESOURCE, Worker
+
+from .conftest import FIXTURES
+from .fakefhir import FakeFHIR
+
+BASE = "http://fhir.test/fhir"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFHIR]:
+    server = FakeFHIR(BASE)
+    bundle = orjson.loads((FIXTURES / "01-medicare-php-hospital.json").read_bytes())
+    server.load(*(e["resource"] for e in bundle["entry"]))
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(host="fhir.test").mock(side_effect=server)
+        yield server
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, fake: FakeFHIR, ruleset: RuleSet, clock: Clock) -> Iterator[Worker]:
+    queue = JobQueue(tmp_path / "queue.sqlite3", clock=clock, dead_letter_attempts=3)
+    client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=3), sleep=_no_sleep)
+    metrics = Metrics(queue.counts)
+    yield Worker(queue, client, ruleset, metrics, clock=clock)
+    asyncio.run(client.aclose())
+    queue.close()
+
+
+def run(worker: Worker, times: int = 1) -> list[bool]:
+    return [asyncio.run(worker.run_once()) for _ in range(times)]
+
+
+def metric(worker: Worker, name: str, labels: dict[str, str] | None = None) -> float:
+    return worker.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def claim_writes(fake: FakeFHIR) -> list[dict[str, Any]]:
+    """The Claim entries of every transaction the adapter sent."""
+    out = []
+    for request in fake.writes("POST"):
+        body = orjson.loads(request.content)
+        if body.get("type") == "transaction":
+            out.extend(e for e in body["entry"] if e["resource"]["resourceType"] == "Claim")
+    return out
+
+
+def test_a_change_is_decided_and_written_back_with_provenance(worker: Worker, fake: FakeFHIR) -> None:
+    assert worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    assert run(worker) == [True]
+    claim = fake.current("Claim", "php01-claim")
+    assert claim["meta"]["versionId"] == "2"
+    g0129 = [i for i in claim["item"] if i["productOrService"]["coding"][0]["code"] == "G0129"]
+    assert [(i["quantity"]["value"], i["servicedDate"]) for i in g0129] == [(1, "2025-03-04")]
+    assert any(e["url"] == DECISION_EXTENSION for e in claim["extension"])
+    assert {"system": TAG_SYSTEM, "code": "annotated"}.items() <= claim["meta"]["tag"][0].items()
+    provenances = fake.all("Provenance")
+    assert len(provenances) == 1 and provenances[0]["target"] == [{"reference": "Claim/php01-claim"}]
+    assert "Encounter/php01-enc/_history/1" in [e["what"]["reference"] for e in provenances[0]["entity"]]
+    assert claim_writes(fake)[0]["request"]["ifMatch"] == 'W/"1"'
+    assert worker.queue.is_own_write("php01-claim", "2")
+    assert worker.queue.counts()["pending"] == 0
+    assert metric(worker, "g0129_decisions_total", {"outcome": "bill"}) == 1
+    assert metric(worker, "g0129_writebacks_total", {"result": "updated"}) == 1
+
+
+def test_gathering_takes_two_round_trips(worker: Worker, fake: FakeFHIR) -> None:
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    reads = [r for r in fake.requests if not (r.method == "POST" and orjson.loads(r.content)["type"] == "transaction")]
+    assert len(reads) == 2  # Encounter search with includes, then one batch
+
+
+def test_our_own_write_echo_is_ignored(worker: Worker, fake: FakeFHIR) -> None:
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    sent = len(fake.requests)
+    own = fake.current("Claim", "php01-claim")
+    worker.queue.enqueue(RESOURCE, "Claim", "php01-claim", "2", orjson.dumps(own), "rest-hook")
+    run(worker)
+    assert len(fake.requests) == sent, "no read, no write for our own version"
+    assert metric(worker, "g0129_writebacks_total", {"result": "own-echo"}) == 1
+
+
+def test_duplicates_are_processed_once_and_unchanged_inputs_write_nothing(worker: Worker, fake: FakeFHIR) -> None:
+    assert worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    assert not worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker, 2)
+    assert len(claim_writes(fake)) == 1
+    # Another change that does not alter the decision: decided again, nothing written.
+    worker.queue.enqueue(RESOURCE, "Procedure", "php01-ot1", "1", None, "test")
+    run(worker)
+    assert len(claim_writes(fake)) == 1
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    assert metric(worker, "g0129_writebacks_total", {"result": "unchanged"}) == 1
+
+
+def test_version_conflict_rereads_and_keeps_the_billers_edit(worker: Worker, fake: FakeFHIR) -> None:
+    def biller_edits(server: FakeFHIR) -> None:
+        claim = dict(server.current("Claim", "php01-claim"))
+        claim["supportingInfo"] = claim["supportingInfo"] + [{
+            "sequence": 3, "category": {"coding": [{"code": "info"}]},
+            "valueString": "Biller: hold until the physician certification is signed.",
+        }]
+        server.put(claim)
+
+    fake.before_transaction.append(biller_edits)
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    claim = fake.current("Claim", "php01-claim")
+    assert claim["meta"]["versionId"] == "3"
+    assert claim["supportingInfo"][2]["valueString"].startswith("Biller")
+    assert sum(1 for i in claim["item"] if i["productOrService"]["coding"][0]["code"] == "G0129") == 1
+    writes = claim_writes(fake)
+    assert [w["request"]["ifMatch"] for w in writes] == ['W/"1"', 'W/"2"']
+    assert metric(worker, "g0129_writebacks_total", {"result": "conflict"}) == 1
+    assert len(fake.all("Provenance")) == 1
+
+
+def test_412_is_a_conflict_too(worker: Worker, fake: FakeFHIR) -> None:
+    # HAPI answers 409; a server that follows the spec answers 412. Both mean re-read.
+    fake.before_transaction.append(
+        lambda server: httpx.Response(412, json={"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "conflict"}]})
+    )
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    assert metric(worker, "g0129_writebacks_total", {"result": "conflict"}) == 1
+    assert metric(worker, "g0129_writebacks_total", {"result": "updated"}) == 1
+
+
+def test_503_then_success(worker: Worker, fake: FakeFHIR) -> None:
+    fake.fail_next = [503]
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    assert [r.method for r in fake.requests[:2]] == ["GET", "GET"], "the failed search was retried"
+
+
+def test_an_outage_keeps_the_job_pending_with_backoff(worker: Worker, fake: FakeFHIR, clock: Clock) -> None:
+    fake.fail_next = [httpx.ConnectError("connection refused")] * 3
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    [job] = worker.queue.list("pending")
+    assert job.not_before > clock.now and "ConnectError" in (job.last_error or "")
+    assert worker.queue.counts()["dead"] == 0
+    assert run(worker) == [False], "not due yet"
+    clock.now = job.not_before
+    run(worker)
+    assert worker.queue.counts() == {"pending": 0, "done": 1, "dead": 0}
+
+
+def test_timeouts_and_429_retry_after(worker: Worker, fake: FakeFHIR, clock: Clock) -> None:
+    fake.fail_next = [httpx.ReadTimeout("slow"), httpx.ReadTimeout("slow")]
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    run(worker)
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+
+    fake.fail_next = [httpx.Response(429, headers={"Retry-After": "120"})] * 3
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "2", None, "test")
+    run(worker)
+    [job] = worker.queue.list("pending")
+    assert job.not_before == pytest.approx(clock.now + 120)
+
+
+def test_dead_letter_after_n_failures_retrying_cannot_fix(worker: Worker, fake: FakeFHIR, clock: Clock) -> None:
+    fake.fail_next = [400] * 10
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    for _ in range(3):
+        [job] = worker.queue.list("pending")
+        clock.now = max(clock.now, job.not_before)
+        run(worker)
+    [dead] = worker.queue.list("dead")
+    assert "400" in (dead.last_error or "")
+    assert metric(worker, "g0129_dead_letters_total") == 1
+
+
+def test_catch_up_queues_what_changed_since_the_checkpoint(worker: Worker, fake: FakeFHIR) -> None:
+    worker.queue.set_checkpoint(CHECKPOINT, "2025-01-01T00:00:00+00:00")
+    queued = asyncio.run(worker.catch_up())
+    assert queued == 4  # the Encounter, its two Procedures (evaluation, session), the Claim
+    assert asyncio.run(worker.catch_up()) == 0, "the same versions are not queued twice"
+    enc = dict(fake.current("Encounter", "php01-enc"))
+    fake.put(enc)
+    assert asyncio.run(worker.catch_up()) == 1
+    assert worker.queue.get_checkpoint(CHECKPOINT) == fake.current("Encounter", "php01-enc")["meta"]["lastUpdated"]
+
+
+def test_catch_up_job_runs_through_the_queue(worker: Worker, fake: FakeFHIR) -> None:
+    worker.queue.set_checkpoint(CHECKPOINT, "2025-01-01T00:00:00+00:00")
+    worker.queue.enqueue(CATCH_UP, "Subscription", "notified", "", None, "test")
+    while run(worker) == [True]:
+        pass
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    assert len(claim_writes(fake)) == 1
+
+
+def test_no_claim_yet_creates_one_draft_only(worker: Worker, fake: FakeFHIR) -> None:
+    del fake.store[("Claim", "php01-claim")]
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    worker.queue.enqueue(RESOURCE, "Procedure", "php01-ot1", "1", None, "test")
+    run(worker, 2)
+    drafts = fake.all("Claim")
+    assert len(drafts) == 1 and drafts[0]["status"] == "draft"
+    assert claim_writes(fake)[0]["request"]["ifNoneExist"].endswith("|Encounter/php01-enc")
