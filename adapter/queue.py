@@ -157,11 +157,12 @@ class JobQueue:
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> JobQueue:
+    def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.time) -> JobQueue:
         return cls(
             settings.data_dir / "queue.sqlite3",
             retry_for=settings.queue_retry_for,
             dead_letter_attempts=settings.dead_letter_attempts,
+            clock=clock,
         )
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -75,8 +76,8 @@ def create_app(
         raise UsageError("G0129_FHIR_BASE_URL must be set for the service")
     rules = rules or load_ruleset(settings.mappings_dir)
     expected = f"Bearer {settings.webhook_token}".encode()
-    queue_kw = {"clock": clock} if clock else {}
-    queue = JobQueue.from_settings(settings, **queue_kw)
+    clock = clock or time.time
+    queue = JobQueue.from_settings(settings, clock)
     metrics = Metrics(queue.counts)
 
     def count_retry(_: FHIRError) -> None:
@@ -85,8 +86,7 @@ def create_app(
     client = FHIRClient.from_settings(settings, transport=transport, on_retry=count_retry)
     # Readiness must answer fast: one try, a short timeout.
     probe = FHIRClient.from_settings(settings, transport=transport, retry=RetryPolicy(max_attempts=1), timeout=3.0)
-    worker_kw = {"clock": clock} if clock else {}
-    worker = Worker(queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval, **worker_kw)
+    worker = Worker(queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval, clock=clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
