@@ -142,7 +142,8 @@ def create_app(
         return new
 
     async def catch_up_later(reason: str) -> None:
-        await asyncio.to_thread(queue.enqueue, CATCH_UP, "Subscription", "notified", "", None, reason)
+        # One id for every catch-up request: while one waits, the others are duplicates of it.
+        await asyncio.to_thread(queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, reason)
 
     @app.put("/notify/{resource_type}/{resource_id}")
     async def notify_resource(resource_type: str, resource_id: str, request: Request) -> Response:

@@ -176,7 +176,7 @@ class Worker:
     async def tick_catch_up(self, stop: asyncio.Event) -> None:
         """Queue a catch-up run every `catch_up_interval` seconds, starting now."""
         while not stop.is_set():
-            await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", "periodic", "", None, "timer")
+            await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
             try:
                 await asyncio.wait_for(stop.wait(), self.catch_up_interval)
             except asyncio.TimeoutError:

@@ -20,12 +20,14 @@ from typing import Any
 
 import orjson
 
-from .annotate import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM
+from .annotate import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM, annotate
 from .decision import Decision
-from .errors import FatalFHIRError, VersionConflict
+from .errors import FatalFHIRError, FHIRError, VersionConflict
 from .fhir_client import FHIRClient
+from .pipeline import AnnotatedClaim
+from .ruleset import RuleSet
 
-__all__ = ["WriteResult", "Writer", "claim_diff"]
+__all__ = ["WriteResult", "Writer", "claim_diff", "push_claims"]
 
 AGENT = "G0129 billing adapter"
 
@@ -120,17 +122,18 @@ class Writer:
                 request["ifMatch"] = f'W/"{version}"'
             claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": request}
             target, activity = name, "UPDATE"
-        else:
+        elif _draft_identifier(annotated):
+            # Our draft: created once, whatever the number of runs or workers racing.
             draft = {k: v for k, v in annotated.items() if k != "id"}
-            identifier = next(
-                (i.get("value") for i in draft.get("identifier") or () if i.get("system") == DRAFT_IDENTIFIER_SYSTEM), None
-            )
             full_url = f"urn:uuid:{uuid.uuid4()}"
-            request = {"method": "POST", "url": "Claim"}
-            if identifier:
-                request["ifNoneExist"] = f"identifier={DRAFT_IDENTIFIER_SYSTEM}|{identifier}"
+            request = {"method": "POST", "url": "Claim", "ifNoneExist": f"identifier={DRAFT_IDENTIFIER_SYSTEM}|{_draft_identifier(annotated)}"}
             claim_entry = {"fullUrl": full_url, "resource": draft, "request": request}
             target, activity = full_url, "CREATE"
+        else:
+            # An EHR claim the server does not have yet (a replay of files): create it under
+            # its own id, so the next run updates the same resource.
+            claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": {"method": "PUT", "url": name}}
+            target, activity = name, "CREATE"
         bundle = {
             "resourceType": "Bundle",
             "type": "transaction",
@@ -158,6 +161,56 @@ class Writer:
             self.on_write(rid, version)
         result = "created" if status.startswith("201") else "updated"
         return WriteResult(f"Claim/{rid}", result, version)
+
+
+def _draft_identifier(claim: dict[str, Any]) -> str | None:
+    return next(
+        (i.get("value") for i in claim.get("identifier") or () if isinstance(i, dict) and i.get("system") == DRAFT_IDENTIFIER_SYSTEM),
+        None,
+    )
+
+
+async def push_claims(
+    writer: Writer, claims: Sequence[AnnotatedClaim], rules: RuleSet, max_conflicts: int = 3
+) -> list[tuple[AnnotatedClaim, WriteResult | FHIRError]]:
+    """Write the Claims of an offline run to the server, each on top of the server's version.
+
+    The decisions are re-applied to what the server holds now (a biller's edits stay); a
+    version conflict re-reads and tries again. One claim's failure does not stop the others.
+    """
+    results: list[tuple[AnnotatedClaim, WriteResult | FHIRError]] = []
+    for claim in claims:
+        outcome: WriteResult | FHIRError
+        try:
+            for _ in range(max_conflicts):
+                current = await _server_copy(writer.client, claim)
+                annotated = claim.resource
+                if current is not None:
+                    annotated = current
+                    for decision in claim.decisions:
+                        annotated = annotate(annotated, decision, rules)
+                try:
+                    outcome = await writer.write(annotated, current, claim.decisions, [d.encounter for d in claim.decisions])
+                    break
+                except VersionConflict as exc:
+                    outcome = exc
+        except FHIRError as exc:
+            outcome = exc
+        results.append((claim, outcome))
+    return results
+
+
+async def _server_copy(client: FHIRClient, claim: AnnotatedClaim) -> dict[str, Any] | None:
+    identifier = _draft_identifier(claim.resource)
+    if claim.original is None and identifier:
+        found = await client.search("Claim", [("identifier", f"{DRAFT_IDENTIFIER_SYSTEM}|{identifier}")])
+        return found[0] if found else None
+    try:
+        return (await client.read("Claim", claim.key.split("/", 1)[1])).resource
+    except FatalFHIRError as exc:
+        if exc.status in (404, 410):
+            return None
+        raise
 
 
 def _meta_version(resource: dict[str, Any] | None) -> str | None:

@@ -177,7 +177,7 @@ def test_bodyless_post_queues_a_catch_up(tmp_path: Path) -> None:
         for _ in range(2):
             r = await client.post("/notify", headers=AUTH)
             assert r.status_code == 200 and r.json()["resourceType"] == "OperationOutcome"
-        assert jobs(app) == [("catch-up", "Subscription", "notified", "")]
+        assert jobs(app) == [("catch-up", "Subscription", "catch-up", "")]
 
     serve(tmp_path, test)
 
@@ -195,7 +195,7 @@ def test_backport_notifications_every_content_level(tmp_path: Path) -> None:
         assert orjson.loads(full.payload)["id"] == "c9" and id_only.payload is None
         # empty content: something changed, find out by searching
         await client.post("/notify", content=backport("event-notification", [(3, "Claim/c9")], 3, "empty"), headers=AUTH)
-        assert ("catch-up", "Subscription", "notified", "") in jobs(app)
+        assert ("catch-up", "Subscription", "catch-up", "") in jobs(app)
 
     serve(tmp_path, test)
 
@@ -205,7 +205,7 @@ def test_event_number_gap_triggers_a_catch_up(tmp_path: Path) -> None:
         await client.post("/notify", content=backport("event-notification", [(21, "Claim/a")], 21), headers=AUTH)
         assert not any(j[0] == "catch-up" for j in jobs(app))
         await client.post("/notify", content=backport("event-notification", [(23, "Claim/b")], 23), headers=AUTH)
-        assert ("catch-up", "Subscription", "notified", "") in jobs(app)
+        assert ("catch-up", "Subscription", "catch-up", "") in jobs(app)
         assert app.state.queue.last_event_number("Subscription/s1") == 23
 
     serve(tmp_path, test)
@@ -215,7 +215,7 @@ def test_heartbeat_reporting_more_events_than_seen_triggers_a_catch_up(tmp_path:
     async def test(client: httpx.AsyncClient, app: Any) -> None:
         await client.post("/notify", content=backport("event-notification", [(5, "Claim/a")], 5), headers=AUTH)
         await client.post("/notify", content=backport("heartbeat", [], 6), headers=AUTH)
-        assert ("catch-up", "Subscription", "notified", "") in jobs(app)
+        assert ("catch-up", "Subscription", "catch-up", "") in jobs(app)
 
     serve(tmp_path, test)
 

@@ -224,7 +224,7 @@ def test_catch_up_queues_what_changed_since_the_checkpoint(worker: Worker, fake:
 
 def test_catch_up_job_runs_through_the_queue(worker: Worker, fake: FakeFHIR) -> None:
     worker.queue.set_checkpoint(CHECKPOINT, "2025-01-01T00:00:00+00:00")
-    worker.queue.enqueue(CATCH_UP, "Subscription", "notified", "", None, "test")
+    worker.queue.enqueue(CATCH_UP, "Subscription", CATCH_UP, "", None, "test")
     while run(worker) == [True]:
         pass
     assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
