@@ -53,6 +53,9 @@ public class HapiBeans {
 	@Bean
 	public JpaStorageSettings jpaStorageSettings(TestServerProperties props) {
 		JpaStorageSettings settings = new JpaStorageSettings();
+		// EHR data carries absolute references to the EHR's own server (corpus-notes.md,
+		// quirk 1); a test server standing in for that EHR must store them as they are.
+		settings.setAllowExternalReferences(true);
 		// Tests search right after they write: never hand back a cached result list.
 		settings.setReuseCachedSearchResultsForMillis(
 				props.getReuseCachedSearchResultsMs() > 0 ? props.getReuseCachedSearchResultsMs() : null);

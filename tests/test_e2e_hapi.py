@@ -1,0 +1,386 @@
+"""End to end against a real HAPI FHIR server: HAPI notifies, the adapter decides and writes back.
+
+Needs `scripts/fhir-server up` (HAPI on 127.0.0.1:8080/fhir); `.ci/run` starts it and sets
+G0129_E2E_REQUIRED=1 so a missing server fails the run instead of skipping these tests.
+The adapter runs as a real `g0129 serve` process. It reaches HAPI through a small forwarding
+proxy of the test's own, which lets one test slip a biller's edit in just before the adapter's
+write, the only way to make a real version conflict happen on cue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from adapter.annotate import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM
+
+from .conftest import FIXTURES, ROOT
+
+HAPI = os.environ.get("G0129_E2E_FHIR_BASE", "http://127.0.0.1:8080/fhir")
+TOKEN = "e2e-webhook-token"
+TEMPLATE = FIXTURES / "01-medicare-php-hospital.json"
+
+
+def _hapi_up() -> bool:
+    try:
+        return httpx.get(f"{HAPI}/metadata", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        os.environ.get("G0129_E2E_REQUIRED") != "1" and not _hapi_up(),
+        reason=f"no FHIR server at {HAPI} (scripts/fhir-server up)",
+    ),
+]
+
+fhir = httpx.Client(base_url=HAPI, timeout=30, headers={"Content-Type": "application/fhir+json"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+# -- the proxy -----------------------------------------------------------------------------------
+
+
+class Proxy:
+    """Forwards every request to HAPI. `hooks` run (once each) before forwarding a transaction."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[dict[str, Any]], None]] = []
+        upstream = self.upstream = httpx.Client(base_url=HAPI.removesuffix("/fhir"), timeout=60)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.rstrip("/").endswith("/fhir") and body and proxy.hooks:
+                    bundle = orjson.loads(body)
+                    if bundle.get("type") == "transaction":
+                        proxy.hooks.pop(0)(bundle)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = upstream.request(self.command, self.path, content=body, headers=headers)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.upstream.close()
+
+
+# -- the adapter process -------------------------------------------------------------------------
+
+
+class Adapter:
+    def __init__(self, data_dir: Path, fhir_base: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "G0129_FHIR_BASE_URL": fhir_base,
+            "G0129_WEBHOOK_TOKEN": TOKEN,
+            "G0129_DATA_DIR": str(data_dir),
+            "G0129_CATCHUP_INTERVAL": "10",
+        }
+        self.log = data_dir.parent / "adapter.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "adapter.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=self.env, cwd=ROOT, stdout=sink, stderr=sink,
+            )
+        wait_for("the adapter to start", self.alive, timeout=30, every=0.2)
+
+    def alive(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def notify(self, resource: dict[str, Any]) -> httpx.Response:
+        return httpx.put(
+            f"{self.url}/notify/{resource['resourceType']}/{resource['id']}",
+            content=orjson.dumps(resource),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"},
+        )
+
+
+def g0129(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapter.cli", *args], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})}, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_client() -> Iterator[None]:
+    yield
+    fhir.close()
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[Proxy]:
+    p = Proxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[tuple[Adapter, subprocess.CompletedProcess[str]]]:
+    data = tmp_path_factory.mktemp("adapter") / "data"
+    a = Adapter(data, proxy.base)
+    a.start()
+    subscribed = g0129(
+        "subscribe", "--endpoint", f"{a.url}/notify", "--fhir-base", HAPI, "--wait", "60",
+        env={"G0129_WEBHOOK_TOKEN": TOKEN},
+    )
+    yield a, subscribed
+    a.stop()
+    # A Subscription left pointing at a closed port fills HAPI's log with failed deliveries.
+    for rtype in ("encounter", "procedure", "claim"):
+        fhir.delete(f"/Subscription/g0129-{rtype}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def php_day(change: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> tuple[str, dict[str, Any]]:
+    """Fixture 01 under fresh ids, as a transaction Bundle of PUTs; returns (prefix, bundle)."""
+    prefix = f"e{uuid.uuid4().hex[:10]}"
+    raw = TEMPLATE.read_bytes().replace(b"php01-", f"{prefix}-".encode())
+    bundle = orjson.loads(raw)
+    resources = {e["resource"]["id"].removeprefix(f"{prefix}-"): e["resource"] for e in bundle["entry"]}
+    if change:
+        change(resources)
+    entries = [
+        {"fullUrl": f"{HAPI}/{r['resourceType']}/{r['id']}", "resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+        for r in resources.values()
+    ]
+    return prefix, {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def post_transaction(bundle: dict[str, Any]) -> dict[str, Any]:
+    r = fhir.post("", content=orjson.dumps(bundle))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def claim(prefix: str) -> dict[str, Any]:
+    r = fhir.get(f"/Claim/{prefix}-claim")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def annotated(c: dict[str, Any]) -> bool:
+    return any(t.get("system") == TAG_SYSTEM and t.get("code") == "annotated" for t in (c.get("meta") or {}).get("tag", []))
+
+
+def wait_annotated(prefix: str, timeout: float = 60.0) -> dict[str, Any]:
+    return wait_for(f"Claim/{prefix}-claim to be annotated", lambda: (lambda c: c if annotated(c) else None)(claim(prefix)), timeout)
+
+
+def provenances(target: str) -> int:
+    bundle = fhir.get("/Provenance", params={"target": target, "_summary": "count"}).json()
+    return int(bundle.get("total", 0))
+
+
+def decision_of(c: dict[str, Any], encounter: str) -> dict[str, Any]:
+    for ext in c.get("extension", []):
+        if ext["url"] == DECISION_EXTENSION:
+            parts = ext["extension"]
+            if {"url": "encounter", "valueReference": {"reference": encounter}} in parts:
+                return {"outcome": next(p["valueCode"] for p in parts if p["url"] == "outcome"),
+                        "rules": [p["valueCode"] for p in parts if p["url"] == "rule"]}
+    raise AssertionError(f"no decision for {encounter} on the Claim")
+
+
+def g0129_lines(c: dict[str, Any]) -> list[dict[str, Any]]:
+    return [i for i in c.get("item", []) if any(x.get("code") == "G0129" for x in i["productOrService"].get("coding", []))]
+
+
+# -- the tests, in the order a deployment meets them ---------------------------------------------
+
+
+def test_subscribe_makes_active_subscriptions(adapter: tuple[Adapter, Any]) -> None:
+    _, subscribed = adapter
+    assert subscribed.returncode == 0, subscribed.stdout + subscribed.stderr
+    for rtype in ("encounter", "procedure", "claim"):
+        sub = fhir.get(f"/Subscription/g0129-{rtype}").json()
+        assert sub["status"] == "active"
+        assert sub["channel"]["header"] == [f"Authorization: Bearer {TOKEN}"]
+    again = g0129("subscribe", "--endpoint", f"{adapter[0].url}/notify", "--fhir-base", HAPI, "--wait", "30",
+                  env={"G0129_WEBHOOK_TOKEN": TOKEN})
+    assert again.stdout.count(": unchanged, active") == 3
+
+
+def test_php_day_is_annotated_once_and_does_not_loop(adapter: tuple[Adapter, Any]) -> None:
+    prefix, bundle = php_day()
+    post_transaction(bundle)
+    c = wait_annotated(prefix)
+    lines = g0129_lines(c)
+    assert [(l["quantity"]["value"], l["servicedDate"], l["revenue"]["coding"][0]["code"]) for l in lines] == [(1, "2025-03-04", "0430")]
+    assert decision_of(c, f"Encounter/{prefix}-enc")["outcome"] == "bill"
+    assert provenances(f"Claim/{prefix}-claim") == 1
+    version = c["meta"]["versionId"]
+    time.sleep(15)  # several catch-up rounds and any echo of our own write
+    assert claim(prefix)["meta"]["versionId"] == version, "the adapter looped on its own write"
+    assert provenances(f"Claim/{prefix}-claim") == 1
+
+
+def test_biller_edit_during_write_back_is_kept(adapter: tuple[Adapter, Any], proxy: Proxy) -> None:
+    prefix, bundle = php_day()
+    note = "Biller: hold until the physician certification is signed."
+
+    def biller_edits(transaction: dict[str, Any]) -> None:
+        current = claim(prefix)
+        current["supportingInfo"].append({"sequence": 99, "category": {"coding": [{"code": "info"}]}, "valueString": note})
+        r = fhir.put(f"/Claim/{prefix}-claim", content=orjson.dumps(current))
+        assert r.status_code == 200, r.text
+
+    proxy.hooks.append(biller_edits)
+    post_transaction(bundle)
+    c = wait_annotated(prefix)
+    time.sleep(5)  # let the notification about the biller's own version be handled too
+    c = claim(prefix)
+    assert any(s.get("valueString") == note for s in c["supportingInfo"]), "the biller's change was overwritten"
+    assert len(g0129_lines(c)) == 1
+    assert provenances(f"Claim/{prefix}-claim") == 1
+    assert not proxy.hooks, "the adapter's write went through the conflict"
+
+
+def test_duplicate_notifications_lead_to_one_write(adapter: tuple[Adapter, Any]) -> None:
+    a, _ = adapter
+    prefix, bundle = php_day()
+    post_transaction(bundle)
+    encounter = fhir.get(f"/Encounter/{prefix}-enc").json()
+    assert a.notify(encounter).status_code == 200
+    assert a.notify(encounter).status_code == 200
+    c = wait_annotated(prefix)
+    time.sleep(5)
+    assert claim(prefix)["meta"]["versionId"] == c["meta"]["versionId"] == "2"
+    assert provenances(f"Claim/{prefix}-claim") == 1
+
+
+def test_session_without_end_time_is_review_and_the_service_keeps_running(adapter: tuple[Adapter, Any]) -> None:
+    a, _ = adapter
+
+    def open_session(r: dict[str, dict[str, Any]]) -> None:
+        del r["ot1"]["performedPeriod"]["end"]
+
+    prefix, bundle = php_day(open_session)
+    post_transaction(bundle)
+    c = wait_annotated(prefix)
+    decision = decision_of(c, f"Encounter/{prefix}-enc")
+    assert decision["outcome"] == "review" and "SESSION-TIMES" in decision["rules"]
+    assert g0129_lines(c) == []
+    assert a.alive()
+
+
+def test_catch_up_after_downtime_processes_every_encounter_once(adapter: tuple[Adapter, Any]) -> None:
+    a, _ = adapter
+    a.stop()
+    prefixes = []
+    for _ in range(20):
+        prefix, bundle = php_day()
+        post_transaction(bundle)
+        prefixes.append(prefix)
+    time.sleep(2)
+    a.start()
+    for prefix in prefixes:
+        wait_annotated(prefix, timeout=180)
+    time.sleep(5)
+    for prefix in prefixes:
+        assert claim(prefix)["meta"]["versionId"] == "2", prefix
+        assert provenances(f"Claim/{prefix}-claim") == 1, prefix
+
+
+def _fixture_transaction(path: Path) -> dict[str, Any]:
+    """A fixture as a transaction of PUTs under its own ids; its fullUrls are kept, so
+    `urn:uuid:` references inside it resolve."""
+    if path.suffix == ".ndjson":
+        entries = [{"resource": orjson.loads(line)} for line in path.read_bytes().splitlines() if line.strip()]
+    else:
+        entries = orjson.loads(path.read_bytes())["entry"]
+    out = []
+    for entry in entries:
+        r = entry["resource"]
+        url = f"{r['resourceType']}/{r['id']}"
+        out.append({"fullUrl": entry.get("fullUrl") or f"{HAPI}/{url}", "resource": r, "request": {"method": "PUT", "url": url}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": out}
+
+
+def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -> None:
+    a, _ = adapter
+    a.stop()  # replay alone writes here: no notification-driven annotation on the side
+    for rtype in ("encounter", "procedure", "claim"):
+        fhir.delete(f"/Subscription/g0129-{rtype}")
+    for path in sorted(FIXTURES.glob("[0-9]*.json")) + sorted(FIXTURES.glob("[0-9]*.ndjson")):
+        post_transaction(_fixture_transaction(path))
+    done = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    assert done.returncode == 0, done.stdout + done.stderr
+    decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
+    for d in decisions:
+        if d["claim"]:
+            c = fhir.get(f"/{d['claim']}").json()
+        else:
+            found = fhir.get("/Claim", params={"identifier": f"{DRAFT_IDENTIFIER_SYSTEM}|{d['encounter']}"}).json()
+            assert found.get("total") == 1, d["encounter"]
+            c = found["entry"][0]["resource"]
+        assert annotated(c), d["encounter"]
+        assert decision_of(c, d["encounter"])["outcome"] == d["outcome"]
+        assert len(g0129_lines(c)) >= len(d["lines"])
+    again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout
