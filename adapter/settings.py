@@ -27,7 +27,8 @@ _T = TypeVar("_T", bound=str)
 # that only know v1 need G0129_SMART_SCOPE set to `system/Claim.read system/Claim.write ...`.
 DEFAULT_SMART_SCOPE = " ".join(
     [
-        "system/Claim.rus",
+        # c: a draft Claim is created when an encounter has none yet.
+        "system/Claim.crus",
         "system/Provenance.c",
         *(
             f"system/{resource_type}.rs"
@@ -43,6 +44,10 @@ DEFAULT_SMART_SCOPE = " ".join(
                 "EpisodeOfCare",
                 "CarePlan",
                 "DocumentReference",
+                # the documentation evidence of mappings/documentation.yaml
+                "Goal",
+                "Communication",
+                "Observation",
             )
         ),
     ]
