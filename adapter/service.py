@@ -91,9 +91,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         if run_worker:
             tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(worker.tick_catch_up(stop))]
+        app.state.tasks = tasks
         try:
             yield
         finally:
@@ -137,13 +138,16 @@ def create_app(
         new = await asyncio.to_thread(
             queue.enqueue, RESOURCE, change.resource_type, change.resource_id, change.version_id, payload, source
         )
-        if not new:
+        if new:
+            worker.wake.set()
+        else:
             metrics.deduplicated.inc()
         return new
 
     async def catch_up_later(reason: str) -> None:
         # One id for every catch-up request: while one waits, the others are duplicates of it.
         await asyncio.to_thread(queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, reason)
+        worker.wake.set()
 
     @app.put("/notify/{resource_type}/{resource_id}")
     async def notify_resource(resource_type: str, resource_id: str, request: Request) -> Response:
@@ -210,6 +214,9 @@ def create_app(
             await asyncio.to_thread(queue.counts)
         except Exception as exc:  # any failure of the state store means not ready
             problems.append(f"state store: {exc}")
+        for task in getattr(app.state, "tasks", []):
+            if task.done():
+                problems.append(f"worker stopped: {task.exception() if not task.cancelled() else 'cancelled'}")
         try:
             await probe.capabilities()
         except FHIRError as exc:

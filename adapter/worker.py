@@ -38,6 +38,7 @@ CATCH_UP = "catch-up"  # job kind: search for what changed since the checkpoint
 CHECKPOINT = "lastUpdated"
 WATCHED = ("Encounter", "Procedure", "Claim")
 MAX_CONFLICTS = 3
+DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.
 OVERLAP = timedelta(seconds=2)
@@ -62,15 +63,26 @@ class Worker:
         self.clock = clock
         self.catch_up_interval = catch_up_interval
         self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run)
+        # Set by the service when it accepts work, so a new job starts at once.
+        self.wake = asyncio.Event()
 
     # -- the loop ------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event, idle: float = 0.2) -> None:
-        """Work until `stop` is set; sleep `idle` seconds when there is nothing to do."""
+    async def run(self, stop: asyncio.Event, idle: float = 0.5) -> None:
+        """Work until `stop` is set. With nothing due, wait for `wake` (set when a notification
+        is accepted) or `idle` seconds, whichever comes first: delayed retries fall due
+        without anyone waking us."""
         while not stop.is_set():
-            if not await self.run_once():
+            try:
+                worked = await self.run_once()
+            except Exception:  # the state store failed (disk full, locked): back off, go on
+                log.exception("worker: the job queue failed; retrying in %.0f s", idle * 10)
+                worked = False
+                await asyncio.sleep(idle * 10)
+            if not worked:
+                self.wake.clear()
                 try:
-                    await asyncio.wait_for(stop.wait(), idle)
+                    await asyncio.wait_for(self.wake.wait(), idle)
                 except asyncio.TimeoutError:
                     pass
 
@@ -84,19 +96,19 @@ class Worker:
         except (TransientFHIRError, VersionConflict) as exc:
             retry_after = exc.retry_after if isinstance(exc, TransientFHIRError) else None
             self.metrics.retries.labels("job").inc()
-            self._failed(job, str(exc), True, retry_after)
+            await self._failed(job, str(exc), True, retry_after)
         except AdapterError as exc:
-            self._failed(job, f"{type(exc).__name__}: {exc}", False)
+            await self._failed(job, f"{type(exc).__name__}: {exc}", False)
         except Exception as exc:  # a bug must not stop the worker; the job shows it
             log.exception("job %s failed unexpectedly", job.id)
-            self._failed(job, f"unexpected {type(exc).__name__}: {exc}", False)
+            await self._failed(job, f"unexpected {type(exc).__name__}: {exc}", False)
         else:
-            self.queue.complete(job.id)
+            await asyncio.to_thread(self.queue.complete, job.id)
             self.metrics.latency.observe(max(0.0, self.clock() - job.accepted_at))
         return True
 
-    def _failed(self, job: Job, error: str, transient: bool, retry_after: float | None = None) -> None:
-        state = self.queue.retry_later(job.id, error, transient, self.clock(), retry_after)
+    async def _failed(self, job: Job, error: str, transient: bool, retry_after: float | None = None) -> None:
+        state = await asyncio.to_thread(self.queue.retry_later, job.id, error, transient, self.clock(), retry_after)
         if state == "dead":
             self.metrics.dead_letters.inc()
             log.error("job %s (%s/%s) dead-lettered: %s", job.id, job.resource_type, job.resource_id, error)
@@ -163,20 +175,28 @@ class Worker:
                 updated = meta.get("lastUpdated")
                 if isinstance(updated, str) and (newest is None or _instant(updated) > _instant(newest)):
                     newest = updated
-                if self.queue.enqueue(RESOURCE, rtype, str(resource["id"]), version, orjson.dumps(resource), "catch-up"):
+                if await asyncio.to_thread(
+                    self.queue.enqueue, RESOURCE, rtype, str(resource["id"]), version, orjson.dumps(resource), "catch-up"
+                ):
                     queued += 1
                 else:
                     self.metrics.deduplicated.inc()
         if newest is not None and newest != since:
-            self.queue.set_checkpoint(CHECKPOINT, newest)
+            await asyncio.to_thread(self.queue.set_checkpoint, CHECKPOINT, newest)
         elif since is None:
-            self.queue.set_checkpoint(CHECKPOINT, start.isoformat())
+            await asyncio.to_thread(self.queue.set_checkpoint, CHECKPOINT, start.isoformat())
         return queued
 
     async def tick_catch_up(self, stop: asyncio.Event) -> None:
         """Queue a catch-up run every `catch_up_interval` seconds, starting now."""
         while not stop.is_set():
-            await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
+            try:
+                await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
+                # Done jobs only serve deduplication; a week covers any server's redelivery.
+                await asyncio.to_thread(self.queue.purge, "done", self.clock() - DONE_RETENTION)
+                self.wake.set()
+            except Exception:
+                log.exception("catch-up timer: the job queue failed")
             try:
                 await asyncio.wait_for(stop.wait(), self.catch_up_interval)
             except asyncio.TimeoutError:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import uuid
 from collections.abc import Callable, Sequence
@@ -158,7 +159,7 @@ class Writer:
         status = str((entries[0].get("response") or {}).get("status", ""))
         rid = rid or claim_id
         if self.on_write and rid and version:
-            self.on_write(rid, version)
+            await asyncio.to_thread(self.on_write, rid, version)
         result = "created" if status.startswith("201") else "updated"
         return WriteResult(f"Claim/{rid}", result, version)
 

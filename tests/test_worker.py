@@ -239,3 +239,32 @@ def test_no_claim_yet_creates_one_draft_only(worker: Worker, fake: FakeFHIR) -> 
     drafts = fake.all("Claim")
     assert len(drafts) == 1 and drafts[0]["status"] == "draft"
     assert claim_writes(fake)[0]["request"]["ifNoneExist"].endswith("|Encounter/php01-enc")
+
+
+def test_the_loop_survives_a_failing_state_store(worker: Worker, fake: FakeFHIR, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    real = worker.queue.claim_next
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    def flaky(now: float) -> Any:
+        if failures:
+            raise failures.pop()
+        return real(now)
+
+    monkeypatch.setattr(worker.queue, "claim_next", flaky)
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, idle=0.01))
+        for _ in range(200):
+            if worker.queue.counts()["done"]:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert worker.queue.counts()["done"] == 1
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
