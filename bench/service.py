@@ -368,7 +368,7 @@ async def run(args: argparse.Namespace) -> None:
     print("decisions/s = claim a job, 2 FHIR reads (search with includes + batch), decide, annotate, validate")
     print("  the R4 Claim, one transaction (Claim PUT + Provenance), record our own write, mark done;")
     print("notification -> write-back = from sending the PUT to the fake applying the Claim's transaction,")
-    print("  which includes the worker's idle poll (it sleeps 0.2 s when the queue is empty).")
+    print("  the worker being woken by the accepted notification (its idle poll is only a fallback).")
 
 
 def main() -> None:
