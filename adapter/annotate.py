@@ -51,8 +51,10 @@ def draft_claim_id(encounter: str) -> str:
 
 def draft_claim(case: Case, rules: RuleSet) -> Resource:
     """An institutional draft Claim for an encounter that has none yet."""
-    dates = [s.service_date for s in case.sessions if s.service_date] or [case.encounter_date]
-    created = next((d for d in dates if d), None)
+    dates = [s.service_date for s in case.sessions if s.service_date]
+    if not dates and case.encounter_date:
+        dates = [case.encounter_date]
+    created = min(dates) if dates else None
     claim: Resource = {
         "resourceType": "Claim",
         "id": draft_claim_id(case.encounter),
@@ -76,7 +78,7 @@ def draft_claim(case: Case, rules: RuleSet) -> Resource:
     }
     if created:
         claim["created"] = created
-        claim["billablePeriod"] = {"start": min(d for d in dates if d), "end": max(d for d in dates if d)}
+        claim["billablePeriod"] = {"start": min(dates), "end": max(dates)}
     if case.diagnosis:
         system = rules.system_uri(case.diagnosis.system) if case.diagnosis.system else None
         coding = {"code": case.diagnosis.code} | ({"system": system} if system else {})

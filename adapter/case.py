@@ -165,6 +165,11 @@ def _minutes(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds() / 60.0
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object, or an empty one in place of anything else (absent, null, a wrong type)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _date_part(value: Any) -> str | None:
     if isinstance(value, str) and len(value) >= 10:
         return value[:10]
@@ -341,7 +346,7 @@ class _Builder:
             status = res.get("status")
             if status in self.rules.excluded_session_statuses:
                 continue
-            period = res.get("performedPeriod") if isinstance(res.get("performedPeriod"), dict) else {}
+            period = _object(res.get("performedPeriod"))
             start_s = period.get("start") or res.get("performedDateTime")
             end_s = period.get("end")
             start, end = _parse_instant(start_s), _parse_instant(end_s)
@@ -383,7 +388,7 @@ class _Builder:
             for code in codes:
                 kind = self.rules.services.get(code)
                 if kind:
-                    period = res.get("performedPeriod") if isinstance(res.get("performedPeriod"), dict) else {}
+                    period = _object(res.get("performedPeriod"))
                     date = _date_part(period.get("start") or res.get("performedDateTime")) or default_date
                     out.append(Service(date, code, kind, 1.0))
                     break
@@ -533,7 +538,7 @@ class _Builder:
     def build(self, enc: Entry) -> Case | None:
         res = enc.resource
         enc_key = enc.key
-        period = res.get("period") if isinstance(res.get("period"), dict) else {}
+        period = _object(res.get("period"))
         encounter_date = _date_part(period.get("start"))
         sessions = self.sessions(enc_key, encounter_date)
         claim = self.pick_claim(enc_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -16,7 +17,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _QueueCollector(Collector):
     """Queue depth read at scrape time, so it is right even after a restart."""
 
-    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, counts: Callable[[], Mapping[Any, int]]) -> None:
         self.counts = counts
 
     def collect(self) -> Iterator[Metric]:
@@ -26,7 +27,7 @@ class _QueueCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, queue_counts: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, queue_counts: Callable[[], Mapping[Any, int]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.notifications = Counter(

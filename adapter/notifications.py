@@ -172,7 +172,7 @@ def parse_bundle_notification(body: bytes) -> Notification:
         if parts is None:
             continue
         rtype, rid, version = parts
-        resource = carried.get(ref) or carried.get(f"{rtype}/{rid}")
+        resource = carried.get(str(ref)) or carried.get(f"{rtype}/{rid}")
         if resource is not None:
             version = version or _version_of(resource)
         changes.append(Change(rtype, rid, version, resource))

@@ -92,8 +92,10 @@ def _program(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list
 def _iop_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     if case.program != "IOP":
         return []
-    dates = sorted({s.service_date for s in case.sessions if s.service_date} or {case.encounter_date} - {None})
-    early = [d for d in dates if d is not None and d < IOP_START]
+    dates = {s.service_date for s in case.sessions if s.service_date}
+    if not dates and case.encounter_date:
+        dates = {case.encounter_date}
+    early = sorted(d for d in dates if d < IOP_START)
     if not early:
         return []
     return [

@@ -89,7 +89,8 @@ async def subscribe(
     statuses: dict[str, str] = {}
     while True:
         for wanted, _ in actions:
-            statuses[wanted["id"]] = str((await client.read("Subscription", wanted["id"])).resource.get("status"))
+            resource = (await client.read("Subscription", wanted["id"])).resource or {}
+            statuses[wanted["id"]] = str(resource.get("status"))
         if all(s == "active" for s in statuses.values()) or time.monotonic() >= deadline:
             break
         await asyncio.sleep(1.0)
