@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .case import CLAIM_ENCOUNTER_EXTENSION, Case, codings
+from .case import CANONICAL, CLAIM_ENCOUNTER_EXTENSION, LINE_EXTENSION, Case, codings
 from .decision import Decision, Line
 from .rules import G0129
 from .ruleset import RuleSet
@@ -25,12 +25,12 @@ __all__ = [
     "ANNOTATED_TAG",
     "DECISION_EXTENSION",
     "DRAFT_IDENTIFIER_SYSTEM",
+    "LINE_EXTENSION",
     "annotate",
     "draft_claim",
     "draft_claim_id",
 ]
 
-CANONICAL = "https://g0129-adapter.org/fhir"
 DECISION_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-decision"
 TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
 ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
@@ -128,6 +128,7 @@ def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> No
                 item["quantity"] = {**quantity, "value": line.units}
             return
     new: Resource = {
+        "extension": [{"url": LINE_EXTENSION, "valueReference": {"reference": encounter}}],
         "sequence": _next_sequence(items),
         "revenue": _revenue(line.revenue_code, rules),
         "productOrService": {"coding": [{"system": rules.system_uri("hcpcs"), "code": G0129, "display": G0129_DISPLAY}]},
@@ -138,6 +139,26 @@ def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> No
     new["quantity"] = {"value": line.units}
     new["encounter"] = [{"reference": encounter}]
     items.append(new)
+
+
+def _withdraw_lines(claim: Resource, decision: Decision) -> None:
+    """Drop the lines we added for this encounter on dates the decision no longer bills."""
+    keep = {line.service_date for line in decision.lines}
+    items = claim.get("item")
+    if not isinstance(items, list):
+        return
+    claim["item"] = [
+        item
+        for item in items
+        if not (
+            isinstance(item, dict)
+            and any(
+                isinstance(e, dict) and e.get("url") == LINE_EXTENSION and (e.get("valueReference") or {}).get("reference") == decision.encounter
+                for e in item.get("extension") or ()
+            )
+            and _item_date(item) not in keep
+        )
+    ]
 
 
 def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, rules: RuleSet) -> None:
@@ -199,6 +220,7 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     """
     # A JSON round trip is a deep copy several times faster than copy.deepcopy.
     out: Resource = orjson.loads(orjson.dumps(claim))
+    _withdraw_lines(out, decision)
     for line in decision.lines:
         _put_line(out, line, decision.encounter, rules)
     if decision.program:

@@ -18,7 +18,9 @@ from .ingest import Entry, Index
 from .ruleset import PayerPolicy, RuleSet
 
 __all__ = [
+    "CANONICAL",
     "CLAIM_ENCOUNTER_EXTENSION",
+    "LINE_EXTENSION",
     "Case",
     "ClaimLine",
     "Diagnosis",
@@ -31,6 +33,11 @@ __all__ = [
 
 Resource = dict[str, Any]
 Code = tuple[str, str]
+
+CANONICAL = "https://g0129-adapter.org/fhir"
+# Marks a Claim.item the adapter added (valueReference: its encounter), so a later decision that
+# no longer supports it can take back our own line. Lines the EHR wrote are never removed.
+LINE_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line"
 
 # R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this).
 CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
@@ -67,6 +74,7 @@ class ClaimLine:
     modifiers: tuple[str, ...]
     has_modifier_extension: bool
     encounters: tuple[str, ...] = ()  # item.encounter, resolved to Encounter/<id>
+    ours: bool = False  # added by the adapter (LINE_EXTENSION), not written by the EHR
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +316,7 @@ class _Builder:
                     modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
                     has_modifier_extension=bool(item.get("modifierExtension")),
                     encounters=tuple(k for k in (self._key_of(r, claim) for r in item.get("encounter") or ()) if k),
+                    ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in item.get("extension") or ()),
                 )
             )
         return tuple(lines)

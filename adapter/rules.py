@@ -223,7 +223,7 @@ def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
             f"{case.claim_ref}#item[{line.index}]",
         )
         for line in case.claim_lines
-        if case.owns(line) and _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
+        if case.owns(line) and not line.ours and _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
     ]
 
 
@@ -232,7 +232,7 @@ def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> 
     planned = {line.service_date: line for line in plan.lines}
     seen: set[str] = set()
     for line in case.claim_lines:
-        if not case.owns(line):
+        if not case.owns(line) or line.ours:  # our own lines follow the decision, see annotate
             continue
         subject = f"{case.claim_ref}#item[{line.index}]"
         if line.has_modifier_extension:

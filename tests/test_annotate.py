@@ -91,3 +91,31 @@ def test_draft_claim_id_for_long_ids_is_still_valid() -> None:
     long_id = "Encounter/" + "x" * 70
     assert draft_claim_id(long_id) == draft_claim_id(long_id)
     assert len(draft_claim_id(long_id)) <= 64
+
+
+def test_a_line_we_added_is_taken_back_when_a_later_decision_drops_it(ruleset: RuleSet) -> None:
+    r = php_day()
+    case = case_of(r, ruleset)
+    billed = annotate(case.claim.resource, decide(case, ruleset), ruleset)
+    assert len(billed["item"]) == 3
+    # The diagnosis is corrected to a non-mental one: the day is no longer billable.
+    r["claim"] = billed
+    r["condition"]["code"]["coding"][0]["code"] = "M54.50"
+    case = case_of(r, ruleset)
+    decision = decide(case, ruleset)
+    assert decision.outcome == "do-not-bill"
+    withdrawn = annotate(billed, decision, ruleset)
+    assert withdrawn["item"] == php_day()["claim"]["item"], "our G0129 line is gone, the EHR's lines stay"
+    assert annotate(withdrawn, decision, ruleset) == withdrawn
+
+
+def test_our_own_line_follows_the_decision_without_claim_line_warnings(ruleset: RuleSet) -> None:
+    r = php_day()
+    case = case_of(r, ruleset)
+    r["claim"] = annotate(case.claim.resource, decide(case, ruleset), ruleset)
+    r["session2"] = dict(r["session"], id="s2", performedPeriod={"start": "2025-03-04T13:00:00-05:00", "end": "2025-03-04T14:00:00-05:00"})
+    case = case_of(r, ruleset)
+    decision = decide(case, ruleset)
+    assert not [f for f in decision.findings if f.rule in ("CLAIM-LINES", "REVENUE-CODE")]
+    after = annotate(r["claim"], decision, ruleset)
+    assert [i["quantity"]["value"] for i in after["item"] if i["productOrService"]["coding"][0]["code"] == "G0129"] == [2]
