@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -130,13 +130,13 @@ class Worker:
         for encounter_id in await encounters_touched(self.client, change):
             await self.decide_and_write(encounter_id, extra)
 
-    async def decide_and_write(self, encounter_id: str, extra: list[dict[str, Any]] = []) -> None:  # noqa: B006
+    async def decide_and_write(self, encounter_id: str, extra: Sequence[dict[str, Any]] = ()) -> None:
         """Gather, decide, annotate, write; on a version conflict start over from a fresh read."""
         for _ in range(MAX_CONFLICTS):
             case, _index = await gather_case(self.client, encounter_id, self.rules, extra)
             # A Claim carried by the notification may be older than the server's: after a
             # conflict, only what the server says now counts.
-            extra = []
+            extra = ()
             if case is None:
                 return
             decision = decide(case, self.rules)
