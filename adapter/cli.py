@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -264,6 +265,12 @@ def main(argv: Sequence[str] | None = None, stdout: IO[str] | None = None, stder
     except KeyboardInterrupt:
         stderr.write("g0129: interrupted; nothing was written\n")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`g0129 evaluate ... | head`): stop quietly, as Unix tools do.
+        # Python would otherwise complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_INVALID_INPUT
 
 
 if __name__ == "__main__":

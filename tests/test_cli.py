@@ -107,3 +107,11 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert len(proc.stdout.splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    proc = subprocess.run(
+        # `true` exits at once: every write of ours meets a closed pipe.
+        f"{sys.executable} -m adapter.cli evaluate {FIXTURES} | true", shell=True, capture_output=True, text=True, cwd=ROOT
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
