@@ -143,15 +143,9 @@ class Writer:
                 {"resource": _provenance(target, decisions, entities, activity), "request": {"method": "POST", "url": "Provenance"}},
             ],
         }
-        try:
-            response = await self.client.transaction(bundle)
-        except FatalFHIRError as exc:
-            # HAPI reports an If-Match mismatch inside a transaction as 409 (HAPI-0989) and
-            # other servers as 412; the client maps both to VersionConflict already, but a
-            # transaction may wrap it in a 400 that names the conflict.
-            if "version" in str(exc).lower() and "conflict" in str(exc).lower():
-                raise VersionConflict(str(exc), exc.status) from exc
-            raise
+        # An If-Match mismatch comes back as 409 (HAPI-0989) or 412; the client raises
+        # VersionConflict for both, and the caller re-reads and re-decides.
+        response = await self.client.transaction(bundle)
         entries = response.get("entry") or []
         if not entries:
             raise FatalFHIRError("transaction response has no entries")

@@ -180,7 +180,8 @@ def test_replay_to_a_fhir_server_dry_run_then_for_real(tmp_path: Path, env: dict
     fixture = str(FIXTURES / "01-medicare-php-hospital.json")
     code, out, err = run("replay", fixture, "--out", str(tmp_path / "o"), "--fhir-base", BASE, "--dry-run")
     assert code == 0, err
-    assert '+        "code": "G0129"' in out.replace("\t", "    ") or '"G0129"' in out
+    added = [line for line in out.splitlines() if line.startswith("+")]
+    assert any('"code": "G0129"' in line for line in added), "the diff shows the G0129 line being added"
     assert out.count("+++ Claim/php01-claim (annotated)") == 1
     assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "1", "dry run writes nothing"
 
