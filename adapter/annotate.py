@@ -1,11 +1,16 @@
 """Decision + Claim JSON -> annotated Claim JSON. Pure and idempotent.
 
-Everything the Claim had is kept. The G0129 lines are put in (an EHR line for the same date
-is updated in place, never deleted), the condition code and type of bill are added when known
-and absent, and the decision rides on the Claim as one extension under our canonical URL, with
-a `meta.tag` marking the Claim as annotated. Annotating twice with the same decision changes
-nothing. With no Claim yet, `draft_claim` makes an institutional draft whose id and identifier
-derive from the encounter, so a re-run never makes a second one.
+Everything the Claim had is kept. What a decision changes depends on its outcome:
+- `bill`: the G0129 lines are put in (an EHR line for the same date is updated in place);
+- `review`: `Claim.item` stays as the EHR wrote it (nobody has looked yet); the proposed lines
+  travel inside the decision extension;
+- `do-not-bill`: no line is added, and a G0129 line the EHR wrote is flagged, never deleted.
+In every case the lines we added earlier for this encounter that the decision no longer bills
+are taken back, the condition code and type of bill are added when known and absent, and the
+decision rides on the Claim as one extension under our canonical URL, with a `meta.tag` marking
+the Claim as annotated. Annotating twice with the same decision changes nothing. With no Claim
+yet, `draft_claim` makes an institutional draft whose id and identifier derive from the
+encounter, so a re-run never makes a second one.
 """
 
 from __future__ import annotations
@@ -16,25 +21,20 @@ from typing import Any
 
 import orjson
 
-from .case import CANONICAL, CLAIM_ENCOUNTER_EXTENSION, LINE_EXTENSION, Case, codings
+from .case import Case, codings
 from .decision import Decision, Line
 from .rules import G0129
 from .ruleset import RuleSet
+from .vocabulary import (
+    ANNOTATED_TAG,
+    DECISION_EXTENSION,
+    DRAFT_IDENTIFIER_SYSTEM,
+    LINE_EXTENSION,
+    LINE_FLAG_EXTENSION,
+    TAG_SYSTEM,
+)
 
-__all__ = [
-    "ANNOTATED_TAG",
-    "DECISION_EXTENSION",
-    "DRAFT_IDENTIFIER_SYSTEM",
-    "LINE_EXTENSION",
-    "annotate",
-    "draft_claim",
-    "draft_claim_id",
-]
-
-DECISION_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-decision"
-TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
-ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
-DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
+__all__ = ["annotate", "draft_claim", "draft_claim_id"]
 G0129_DISPLAY = "Occupational therapy services in a PHP or IOP, per session (45 minutes or more)"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
@@ -58,9 +58,9 @@ def draft_claim(case: Case, rules: RuleSet) -> Resource:
     claim: Resource = {
         "resourceType": "Claim",
         "id": draft_claim_id(case.encounter),
-        # Linked to its encounter even while it has no line (a do-not-bill day), so the next
-        # run finds it instead of making another.
-        "extension": [{"url": CLAIM_ENCOUNTER_EXTENSION, "valueReference": {"reference": case.encounter}}],
+        # The identifier links the draft to its encounter even while it has no line (a day we do
+        # not bill), so the next run finds it instead of making another; lines carry
+        # item.encounter, the link every FHIR server can search.
         "identifier": [{"system": DRAFT_IDENTIFIER_SYSTEM, "value": case.encounter}],
         "status": "draft",
         "type": {"coding": [{"system": rules.system_uri("claim_type"), "code": "institutional"}]},
@@ -141,24 +141,58 @@ def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> No
     items.append(new)
 
 
+def _for_encounter(extension: Any, url: str, encounter: str) -> bool:
+    """Whether `extension` is ours of kind `url` and names `encounter` (directly or in a part)."""
+    if not isinstance(extension, dict) or extension.get("url") != url:
+        return False
+    parts = [extension] + [p for p in extension.get("extension") or () if isinstance(p, dict) and p.get("url") == "encounter"]
+    return any((p.get("valueReference") or {}).get("reference") == encounter for p in parts)
+
+
 def _withdraw_lines(claim: Resource, decision: Decision) -> None:
-    """Drop the lines we added for this encounter on dates the decision no longer bills."""
-    keep = {line.service_date for line in decision.lines}
+    """Drop the lines we added for this encounter on dates the decision no longer bills, and
+    the flags it put on the EHR's lines (the decision puts back those that still hold)."""
+    keep = {line.service_date for line in decision.lines} if decision.outcome == "bill" else set()
     items = claim.get("item")
     if not isinstance(items, list):
         return
-    claim["item"] = [
-        item
-        for item in items
-        if not (
-            isinstance(item, dict)
-            and any(
-                isinstance(e, dict) and e.get("url") == LINE_EXTENSION and (e.get("valueReference") or {}).get("reference") == decision.encounter
-                for e in item.get("extension") or ()
-            )
-            and _item_date(item) not in keep
-        )
-    ]
+    kept = []
+    for item in items:
+        if isinstance(item, dict):
+            extensions = item.get("extension") or ()
+            if any(_for_encounter(e, LINE_EXTENSION, decision.encounter) for e in extensions) and _item_date(item) not in keep:
+                continue
+            if any(_for_encounter(e, LINE_FLAG_EXTENSION, decision.encounter) for e in extensions):
+                rest = [e for e in extensions if not _for_encounter(e, LINE_FLAG_EXTENSION, decision.encounter)]
+                item = {k: v for k, v in item.items() if k != "extension"}
+                if rest:
+                    item = {"extension": rest, **item}
+        kept.append(item)
+    claim["item"] = kept
+
+
+def _flag_lines(claim: Resource, decision: Decision) -> None:
+    """Mark the EHR's G0129 lines the decision does not support; they stay for a person."""
+    for flag in decision.flagged_lines:
+        item = _find_item(claim, flag.sequence, flag.index)
+        if item is None:
+            continue
+        item["extension"] = list(item.get("extension") or ()) + [
+            {
+                "url": LINE_FLAG_EXTENSION,
+                "extension": [
+                    {"url": "reason", "valueCode": flag.reason},
+                    {"url": "encounter", "valueReference": {"reference": decision.encounter}},
+                ],
+            }
+        ]
+
+
+def _find_item(claim: Resource, sequence: int | None, index: int) -> Resource | None:
+    items = [i for i in claim.get("item") or () if isinstance(i, dict)]
+    if sequence is not None:
+        return next((i for i in items if i.get("sequence") == sequence), None)
+    return items[index] if index < len(items) else None
 
 
 def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, rules: RuleSet) -> None:
@@ -195,11 +229,26 @@ def _type_of_bill(claim: Resource, rules: RuleSet) -> None:
         _put_supporting_info(claim, category, "bill_type", tob, rules)
 
 
-def _decision_extension(decision: Decision) -> Resource:
+def _proposed_line(line: Line, rules: RuleSet) -> Resource:
+    parts: list[Resource] = [
+        {"url": "code", "valueCoding": {"system": rules.system_uri("hcpcs"), "code": line.code}},
+        {"url": "units", "valuePositiveInt": line.units},
+        {"url": "serviceDate", "valueDate": line.service_date},
+        {"url": "revenueCode", "valueCoding": {"system": rules.system_uri("revenue"), "code": line.revenue_code}},
+    ]
+    parts += [{"url": "modifier", "valueCoding": {"system": rules.system_uri("hcpcs"), "code": m}} for m in line.modifiers]
+    parts += [{"url": "procedure", "valueReference": {"reference": p}} for p in line.procedures]
+    return {"url": "proposedLine", "extension": parts}
+
+
+def _decision_extension(decision: Decision, rules: RuleSet) -> Resource:
     parts: list[Resource] = [{"url": "outcome", "valueCode": decision.outcome}]
     parts += [{"url": "rule", "valueCode": rule} for rule in decision.rule_ids]
     parts.append({"url": "rulesetVersion", "valueString": decision.ruleset_version})
     parts.append({"url": "encounter", "valueReference": {"reference": decision.encounter}})
+    if decision.outcome == "review":
+        # Nobody has looked yet: the lines wait here, not in Claim.item.
+        parts += [_proposed_line(line, rules) for line in decision.lines]
     return {"url": DECISION_EXTENSION, "extension": parts}
 
 
@@ -221,13 +270,17 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     # A JSON round trip is a deep copy several times faster than copy.deepcopy.
     out: Resource = orjson.loads(orjson.dumps(claim))
     _withdraw_lines(out, decision)
-    for line in decision.lines:
-        _put_line(out, line, decision.encounter, rules)
+    if decision.outcome == "bill":
+        for line in decision.lines:
+            _put_line(out, line, decision.encounter, rules)
+    _flag_lines(out, decision)
+    if not out.get("item"):  # FHIR JSON has no empty arrays
+        out.pop("item", None)
     if decision.program:
         _condition_code(out, decision.program, rules)
     _type_of_bill(out, rules)
     # One decision extension per encounter: a claim covering several PHP days carries each.
-    mine = _decision_extension(decision)
+    mine = _decision_extension(decision, rules)
     extensions = list(out.get("extension") or ())
     for n, ext in enumerate(extensions):
         if _decision_encounter(ext) == decision.encounter:

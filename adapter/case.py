@@ -9,21 +9,22 @@ variety); the rules stay small and pure.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .ingest import Entry, Index
 from .ruleset import PayerPolicy, RuleSet
+from .vocabulary import LINE_EXTENSION, claim_encounter_references, is_candidate_claim
 
 __all__ = [
-    "CANONICAL",
-    "CLAIM_ENCOUNTER_EXTENSION",
-    "LINE_EXTENSION",
     "Case",
     "ClaimLine",
     "Diagnosis",
+    "InputProblem",
     "Performer",
     "Service",
     "Session",
@@ -34,13 +35,23 @@ __all__ = [
 Resource = dict[str, Any]
 Code = tuple[str, str]
 
-CANONICAL = "https://g0129-adapter.org/fhir"
-# Marks a Claim.item the adapter added (valueReference: its encounter), so a later decision that
-# no longer supports it can take back our own line. Lines the EHR wrote are never removed.
-LINE_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line"
+# FHIR R4 dateTime (http://hl7.org/fhir/R4/datatypes.html#dateTime), except that a time without
+# an offset is accepted: EHR exports send them, and the date part is then the local date.
+_DATETIME = re.compile(
+    r"^([0-9]{4})(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?)?)?$"
+)
 
-# R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this).
-CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
+
+@dataclass(frozen=True, slots=True)
+class InputProblem:
+    """An element of an input resource whose value is not valid FHIR (reported, never guessed at)."""
+
+    source: str  # the file (or server search) the resource came from
+    resource: str  # "Procedure/<id>"
+    element: str  # "Procedure.status"
+    value: str
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,7 @@ class Performer:
     reference: str | None
     discipline: str  # OT | OTA | other | unknown
     taxonomy: str | None
+    person: str | None = None  # the Practitioner behind a PractitionerRole (or the reference itself)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +68,22 @@ class Session:
     status: str | None
     start: str | None
     end: str | None
-    minutes: float | None  # None when start or end is missing (or only a date)
-    service_date: str | None
+    minutes: float | None  # None when start or end is missing, invalid (or only a date)
+    service_date: str | None  # the local calendar date of the start
     performers: tuple[Performer, ...]
     resource: Resource = field(repr=False, compare=False)
+    # "counted" (completed), "review" (in-progress, on-hold, ...), "invalid" (not a status code)
+    status_class: str = "counted"
+    invalid_times: tuple[str, ...] = ()  # elements whose value is not a valid dateTime
+    date_read_in: str | None = None  # a UTC start read in this offset or zone to date it
+    date_uncertain: bool = False  # a UTC start with no zone to read it in, dated by its UTC day
+    taken_as_one: tuple[str, ...] = ()  # other Procedures recording this same session
+    duplicate_of: str | None = None  # set on a record folded into another one (SESSION-OVERLAP)
+
+    @property
+    def counts(self) -> bool:
+        """A delivered session, recorded once: what the length rules and the lines look at."""
+        return self.status_class == "counted" and self.duplicate_of is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +136,15 @@ class Case:
     payer_name: str | None
     payer_policy: PayerPolicy | None
     coverage: str | None
+    coverage_status: str | None
+    coverage_period: tuple[str | None, str | None]  # (start, end) dates, None when open
     diagnosis: Diagnosis | None
     bill_type: str | None  # normalised, e.g. "131" or "871"
     bill_type_source: str | None  # "supportingInfo" | "subType"
     documentation: dict[str, bool]
     unknown_modifier_extensions: tuple[str, ...] = ()
+    input_problems: tuple[InputProblem, ...] = ()
+    source: str = ""  # where the Encounter came from
 
     @property
     def program(self) -> str | None:
@@ -130,8 +158,11 @@ class Case:
         """Whether a claim line bills this encounter (a claim may bill several PHP days)."""
         if line.encounters:
             return self.encounter in line.encounters
-        dates = {s.service_date for s in self.sessions} | {self.encounter_date}
-        return line.service_date is None or line.service_date in dates
+        return line.service_date is None or line.service_date in self.service_dates
+
+    @property
+    def service_dates(self) -> set[str]:
+        return {s.service_date for s in self.sessions if s.service_date} | ({self.encounter_date} if self.encounter_date else set())
 
     @property
     def claim_ref(self) -> str | None:
@@ -154,14 +185,32 @@ def _keyed(concept: Any, rules: RuleSet) -> Iterator[Code]:
         yield (rules.system_key(system) or "", code)
 
 
-def _parse_instant(value: Any) -> datetime | None:
-    """A dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
-    if not isinstance(value, str) or "T" not in value:
-        return None
+def _valid_datetime(value: Any) -> bool:
+    if not isinstance(value, str) or not _DATETIME.match(value):
+        return False
     try:
-        return datetime.fromisoformat(value)
-    except ValueError:
+        datetime.fromisoformat(value) if "T" in value else None
+    except ValueError:  # 2025-02-30T..., or a leap second
+        return False
+    return True
+
+
+def _parse_instant(value: Any) -> datetime | None:
+    """A valid dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
+    if not isinstance(value, str) or "T" not in value or not _valid_datetime(value):
         return None
+    return datetime.fromisoformat(value)
+
+
+def _is_utc(moment: datetime) -> bool:
+    return moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
+
+
+def _offset_text(zone: tzinfo) -> str:
+    offset = datetime(2000, 1, 1, tzinfo=zone).utcoffset() or timedelta(0)
+    sign = "-" if offset < timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 def _minutes(start: datetime | None, end: datetime | None) -> float | None:
@@ -195,6 +244,8 @@ class _Builder:
         self._by_encounter: dict[tuple[str, str], list[Entry]] = {}
         self._coverages_by_patient: dict[str, list[Entry]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
+        self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
+        self._possible_zones = tuple(ZoneInfo(z) for z in rules.possible_time_zones)
         self._group()
 
     # -- indexing -----------------------------------------------------------------------------
@@ -234,18 +285,10 @@ class _Builder:
                         self._by_encounter.setdefault((rtype, enc), []).append(entry)
 
     def _claim_encounters(self, claim: Entry) -> Iterator[str]:
-        res = claim.resource
-        for ext in res.get("extension") or ():
-            if isinstance(ext, dict) and ext.get("url") == CLAIM_ENCOUNTER_EXTENSION:
-                key = self._key_of(ext.get("valueReference"), claim)
-                if key:
-                    yield key
-        for item in res.get("item") or ():
-            if isinstance(item, dict):
-                for ref in item.get("encounter") or ():
-                    key = self._key_of(ref, claim)
-                    if key:
-                        yield key
+        for ref in claim_encounter_references(claim.resource):
+            key = self._key_of(ref, claim)
+            if key:
+                yield key
 
     # -- facts ----------------------------------------------------------------------------------
 
@@ -276,16 +319,11 @@ class _Builder:
         return frozenset(found)
 
     def pick_claim(self, enc_key: str) -> Entry | None:
-        """The billing claim of the encounter: use=claim, not cancelled, newest first."""
-        candidates = [
-            c
-            for c in self._claims_by_encounter.get(enc_key, ())
-            if c.resource.get("use", "claim") == "claim"
-            and c.resource.get("status") not in ("cancelled", "entered-in-error")
-        ]
+        """The institutional claim that bills the encounter (newest first), or None."""
+        candidates = [c for c in self._claims_by_encounter.get(enc_key, ()) if is_candidate_claim(c.resource, self.rules)]
         if not candidates:
             return None
-        return max(candidates, key=lambda c: str(c.resource.get("created") or ""))
+        return max(candidates, key=lambda c: (str(c.resource.get("created") or ""), c.key))
 
     def claim_lines(self, claim: Entry) -> tuple[ClaimLine, ...]:
         lines = []
@@ -326,13 +364,17 @@ class _Builder:
         resource = hit.resource if isinstance(hit, Entry) else hit
         label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
         if not resource:
-            return Performer(label, "unknown", None)
+            return Performer(label, "unknown", None, label)
         concepts: list[Any] = []
+        person = label
         if resource.get("resourceType") == "PractitionerRole":
             concepts.extend(resource.get("code") or ())
             concepts.extend(resource.get("specialty") or ())
             owner = context if isinstance(hit, dict) else hit
-            practitioner = self.index.resolve(resource.get("practitioner"), owner)
+            practitioner = self.index.resolve_entry(resource.get("practitioner"), owner)
+            if isinstance(practitioner, Entry):
+                person = practitioner.key
+                practitioner = practitioner.resource
             if practitioner:
                 concepts.extend(q.get("code") for q in practitioner.get("qualification") or () if isinstance(q, dict))
         else:
@@ -341,43 +383,102 @@ class _Builder:
         for prefixes, discipline in ((self.rules.ot_prefixes, "OT"), (self.rules.ota_prefixes, "OTA")):
             for taxonomy in taxonomies:
                 if taxonomy.startswith(prefixes):
-                    return Performer(label, discipline, taxonomy)
+                    return Performer(label, discipline, taxonomy, person)
         if taxonomies:
-            return Performer(label, "other", taxonomies[0])
-        return Performer(label, "unknown", None)
+            return Performer(label, "other", taxonomies[0], person)
+        return Performer(label, "unknown", None, person)
 
-    def sessions(self, enc_key: str, encounter_date: str | None) -> tuple[Session, ...]:
+    def local_date(self, value: Any, zone: tzinfo | None, zone_label: str) -> tuple[str | None, str | None, bool]:
+        """(local date, what a UTC time was read in, whether that date is uncertain) of a FHIR
+        date or dateTime. The date of a claim line is the day the service was given where it
+        was given, not the UTC day (an evening session in the Americas is the next UTC day)."""
+        if not _valid_datetime(value):
+            return None, None, False
+        moment = _parse_instant(value)
+        if moment is None or not _is_utc(moment):
+            return str(value)[:10], None, False
+        if zone is not None:
+            return moment.astimezone(zone).date().isoformat(), zone_label, False
+        utc_date = moment.date()
+        uncertain = any(moment.astimezone(z).date() != utc_date for z in self._possible_zones)
+        return utc_date.isoformat(), None, uncertain
+
+    def encounter_zone(self, res: Resource) -> tuple[tzinfo | None, str]:
+        """The zone a UTC time of this encounter is read in: its period's own offset, else the site's."""
+        start = _parse_instant(_object(res.get("period")).get("start"))
+        if start is not None and start.tzinfo is not None and not _is_utc(start):
+            offset = start.utcoffset() or timedelta(0)
+            zone = timezone(offset)
+            return zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+        if self._site_zone is not None:
+            return self._site_zone, f"{self.rules.time_zone} (the site time zone, site.yaml)"
+        return None, ""
+
+    def _status_class(self, status: Any) -> str | None:
+        """counted | review | invalid, or None for a record that is no session at all."""
+        if status in self.rules.counted_session_statuses:
+            return "counted"
+        if status in self.rules.review_session_statuses:
+            return "review"
+        if status in self.rules.excluded_session_statuses:
+            return None
+        return "invalid"
+
+    def sessions(
+        self, enc_key: str, encounter_date: str | None, zone: tzinfo | None, zone_label: str, problems: list[InputProblem]
+    ) -> tuple[Session, ...]:
         sessions = []
         for proc in self._procedures_by_encounter.get(enc_key, ()):
             res = proc.resource
             if not any(code in self.rules.ot_codes for code in _keyed(res.get("code"), self.rules)):
                 continue
             status = res.get("status")
-            if status in self.rules.excluded_session_statuses:
+            status_class = self._status_class(status)
+            if status_class is None:
                 continue
+            if status_class == "invalid":
+                problems.append(
+                    InputProblem(proc.source, proc.key, "Procedure.status", str(status), f"{status!r} is not a Procedure.status code")
+                )
             period = _object(res.get("performedPeriod"))
+            elements = (
+                ("Procedure.performedPeriod.start", period.get("start")),
+                ("Procedure.performedPeriod.end", period.get("end")),
+                ("Procedure.performedDateTime", res.get("performedDateTime")),
+            )
+            invalid = tuple(name for name, value in elements if value is not None and not _valid_datetime(value))
+            for name in invalid:
+                value = dict(elements)[name]
+                problems.append(InputProblem(proc.source, proc.key, name, str(value), f"{value!r} is not a FHIR dateTime"))
             start_s = period.get("start") or res.get("performedDateTime")
             end_s = period.get("end")
             start, end = _parse_instant(start_s), _parse_instant(end_s)
+            date, read_in, uncertain = self.local_date(start_s, zone, zone_label)
             performers = tuple(
                 self.performer(p.get("actor"), proc) for p in res.get("performer") or () if isinstance(p, dict)
             )
             sessions.append(
                 Session(
                     procedure=proc.key,
-                    status=status,
+                    status=status if isinstance(status, str) else None,
                     start=start_s if start else None,
                     end=end_s if end else None,
                     minutes=_minutes(start, end),
-                    service_date=_date_part(start_s) or encounter_date,
+                    service_date=date or encounter_date,
                     performers=performers,
                     resource=res,
+                    status_class=status_class,
+                    invalid_times=invalid,
+                    date_read_in=read_in,
+                    date_uncertain=uncertain,
                 )
             )
         sessions.sort(key=lambda s: (s.start or "", s.procedure))
-        return tuple(sessions)
+        return _fold_overlaps(sessions)
 
-    def services(self, enc_key: str, claim_lines: tuple[ClaimLine, ...], has_claim: bool, default_date: str | None) -> tuple[Service, ...]:
+    def services(
+        self, enc_key: str, claim_lines: tuple[ClaimLine, ...], has_claim: bool, default_date: str | None, zone: tzinfo | None
+    ) -> tuple[Service, ...]:
         """The other PHP/IOP services of the encounter's dates (G0129 itself is counted from sessions)."""
         out = []
         if has_claim:
@@ -389,7 +490,7 @@ class _Builder:
             return tuple(out)
         for proc in self._procedures_by_encounter.get(enc_key, ()):
             res = proc.resource
-            if res.get("status") in self.rules.excluded_session_statuses:
+            if res.get("status") not in self.rules.counted_session_statuses:
                 continue
             codes = list(_keyed(res.get("code"), self.rules))
             if any(code in self.rules.ot_codes for code in codes):
@@ -398,7 +499,7 @@ class _Builder:
                 kind = self.rules.services.get(code)
                 if kind:
                     period = _object(res.get("performedPeriod"))
-                    date = _date_part(period.get("start") or res.get("performedDateTime")) or default_date
+                    date = self.local_date(period.get("start") or res.get("performedDateTime"), zone, "")[0] or default_date
                     out.append(Service(date, code, kind, 1.0))
                     break
         return tuple(out)
@@ -439,6 +540,7 @@ class _Builder:
         sopt = {c for s, c in (code for concept in [coverage.get("type")] for code in _keyed(concept, self.rules)) if s == "sopt"}
         names: list[str] = []
         identifiers: set[str] = set()
+        states: set[str] = set()
         for ref in coverage.get("payor") or ():
             if not isinstance(ref, dict):
                 continue
@@ -448,27 +550,40 @@ class _Builder:
                     names.append(str(org["name"]))
                 names.extend(str(a) for a in org.get("alias") or ())
                 identifiers.update(str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict))
+                states.update(
+                    str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")
+                )
             if ref.get("display"):
                 names.append(str(ref["display"]))
             ident = ref.get("identifier")
             if isinstance(ident, dict) and ident.get("value"):
                 identifiers.add(str(ident["value"]))
         lowered = [n.lower() for n in names]
-        best: tuple[int, PayerPolicy | None] = (0, None)
+        markets = {m for m in (self.rules.market_of(code) for code in sopt) if m}
+        # A policy belongs to one plan (g0129-rules.md §13): matched by the payer's identifier,
+        # else by name and state, else by name, else by the Coverage's type; among equals the
+        # most specific name wins ("medicare advantage" over "medicare"). A Coverage typed as
+        # another line of business (Medicare Advantage) never takes a commercial policy.
+        best: tuple[int, int, PayerPolicy | None] = (0, 0, None)
         for policy in self.rules.payers:
+            if markets and policy.market not in markets:
+                continue
+            needle = max((n for n in policy.names if any(n in name for name in lowered)), key=len, default="")
             score = 0
             if identifiers & policy.identifiers:
-                score = 3
-            elif any(needle in name for needle in policy.names for name in lowered):
+                score = 4
+            elif needle and policy.states:
+                score = 3 if states & policy.states else 0
+            elif needle:
                 score = 2
             elif sopt & policy.sopt_codes:
                 score = 1
-            if score > best[0]:
-                best = (score, policy)
+            if (score, len(needle)) > best[:2] and score:
+                best = (score, len(needle), policy)
         display = names[0] if names else None
-        if best[1] is None:
+        if best[2] is None:
             return "unknown", display, None
-        return best[1].key, display or best[1].name, best[1]
+        return best[2].key, display or best[2].name, best[2]
 
     def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
         if claim is not None:
@@ -547,9 +662,10 @@ class _Builder:
     def build(self, enc: Entry) -> Case | None:
         res = enc.resource
         enc_key = enc.key
-        period = _object(res.get("period"))
-        encounter_date = _date_part(period.get("start"))
-        sessions = self.sessions(enc_key, encounter_date)
+        zone, zone_label = self.encounter_zone(res)
+        encounter_date = self.local_date(_object(res.get("period")).get("start"), zone, zone_label)[0]
+        problems: list[InputProblem] = []
+        sessions = self.sessions(enc_key, encounter_date, zone, zone_label, problems)
         claim = self.pick_claim(enc_key)
         enc_programs = self.encounter_programs(enc)
         claim_programs = self.claim_programs(claim) if claim else frozenset()
@@ -557,9 +673,11 @@ class _Builder:
             return None
         patient = self._key_of(res.get("subject"), enc)
         claim_lines = self.claim_lines(claim) if claim else ()
-        first_date = sessions[0].service_date if sessions else encounter_date
+        counted = tuple(s for s in sessions if s.counts)
+        first_date = min((s.service_date for s in counted if s.service_date), default=encounter_date)
         cov_key, coverage, cov_context = self.coverage(claim, patient, first_date)
         payer, payer_name, policy = self.payer(coverage, cov_context)
+        period = _object((coverage or {}).get("period"))
         cls = res.get("class")
         encounter_class = (
             next((c for s, c in _keyed({"coding": [cls]}, self.rules) if s == "act_code"), None)
@@ -567,7 +685,7 @@ class _Builder:
             else None
         )
         bill_type, bill_type_source = self.bill_type(claim)
-        counted = tuple(s for s in sessions if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
+        qualifying = tuple(s for s in counted if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
         return Case(
             encounter=enc_key,
             encounter_resource=res,
@@ -580,18 +698,22 @@ class _Builder:
             claim_programs=claim_programs,
             claim_lines=claim_lines,
             sessions=sessions,
-            services=self.services(enc_key, claim_lines, claim is not None, encounter_date),
+            services=self.services(enc_key, claim_lines, claim is not None, encounter_date, zone),
             payer=payer,
             payer_name=payer_name,
             payer_policy=policy,
             coverage=cov_key,
+            coverage_status=str(coverage.get("status")) if coverage and coverage.get("status") else None,
+            coverage_period=(_date_part(period.get("start")), _date_part(period.get("end"))),
             diagnosis=self.diagnosis(claim, enc),
             bill_type=bill_type,
             bill_type_source=bill_type_source,
-            documentation=self.documentation(enc_key, patient, counted or sessions),
+            documentation=self.documentation(enc_key, patient, qualifying or counted or sessions),
             unknown_modifier_extensions=tuple(
                 f"Claim.item[{line.index}]" for line in claim_lines if line.has_modifier_extension
             ),
+            input_problems=tuple(problems),
+            source=enc.source,
         )
 
 
@@ -612,6 +734,55 @@ def _has_path(resource: Resource, path: tuple[str, ...]) -> bool:
             return False
         value = value.get(part)
     return value not in (None, "", [], {})
+
+
+def _fold_overlaps(sessions: list[Session]) -> tuple[Session, ...]:
+    """Records of one session made twice (a flowsheet row and a charge) become one.
+
+    Completed sessions with times that share a performer and overlap are one session: nobody
+    gives two sessions at once. The longest record stands for it (then the earliest, then the
+    Procedure id); the others are kept, marked as its duplicates, so the finding can name them.
+    """
+    timed = [
+        (n, s, _parse_instant(s.start), _parse_instant(s.end))
+        for n, s in enumerate(sessions)
+        if s.status_class == "counted" and s.start and s.end
+    ]
+    group = list(range(len(sessions)))
+
+    def root(n: int) -> int:
+        while group[n] != n:
+            group[n] = group[group[n]]
+            n = group[n]
+        return n
+
+    for i, (a, sa, start_a, end_a) in enumerate(timed):
+        people_a = {p.person for p in sa.performers if p.person}
+        for b, sb, start_b, end_b in timed[i + 1:]:
+            if start_a is None or end_a is None or start_b is None or end_b is None:
+                continue
+            if people_a & {p.person for p in sb.performers if p.person} and _before(start_a, end_b) and _before(start_b, end_a):
+                group[root(b)] = root(a)
+    members: dict[int, list[int]] = {}
+    for n in range(len(sessions)):
+        members.setdefault(root(n), []).append(n)
+    out = list(sessions)
+    for indices in members.values():
+        if len(indices) < 2:
+            continue
+        kept = max(indices, key=lambda n: (sessions[n].minutes or 0.0, [-ord(c) for c in sessions[n].start or ""], [-ord(c) for c in sessions[n].procedure]))
+        others = tuple(sessions[n].procedure for n in indices if n != kept)
+        out[kept] = replace(sessions[kept], taken_as_one=others)
+        for n in indices:
+            if n != kept:
+                out[n] = replace(sessions[n], duplicate_of=sessions[kept].procedure)
+    return tuple(out)
+
+
+def _before(a: datetime, b: datetime) -> bool:
+    if (a.tzinfo is None) != (b.tzinfo is None):
+        a, b = a.replace(tzinfo=None), b.replace(tzinfo=None)
+    return a < b
 
 
 def build_cases(index: Index, rules: RuleSet) -> list[Case]:

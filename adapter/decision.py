@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OUTCOMES", "SEVERITIES", "Decision", "Finding", "Line", "outcome_of"]
+__all__ = ["OUTCOMES", "SEVERITIES", "Decision", "Finding", "FlaggedLine", "Line", "outcome_of"]
 
 # Most to least severe. `info` explains, it never changes the outcome.
 SEVERITIES = ("error", "review", "warning", "info")
@@ -43,6 +43,19 @@ class Line:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class FlaggedLine:
+    """A G0129 line the EHR wrote that the decision does not support: kept, and flagged."""
+
+    sequence: int | None  # Claim.item.sequence (required in R4; the index when it is absent)
+    index: int
+    service_date: str | None
+    reason: str  # unsupported (no qualifying session behind it) | do-not-bill
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sequence": self.sequence, "service_date": self.service_date, "reason": self.reason}
+
+
 def outcome_of(findings: list[Finding] | tuple[Finding, ...]) -> str:
     severities = {f.severity for f in findings}
     if "error" in severities:
@@ -64,6 +77,7 @@ class Decision:
     missing_data: tuple[str, ...]
     rules_passed: tuple[str, ...]
     ruleset_version: str
+    flagged_lines: tuple[FlaggedLine, ...] = ()
 
     @property
     def rule_ids(self) -> tuple[str, ...]:
@@ -82,4 +96,5 @@ class Decision:
             "missing_data": list(self.missing_data),
             "rules_passed": list(self.rules_passed),
             "ruleset_version": self.ruleset_version,
+            "flagged_lines": [f.to_json() for f in self.flagged_lines],
         }

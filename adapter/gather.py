@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .annotate import DRAFT_IDENTIFIER_SYSTEM
-from .case import CLAIM_ENCOUNTER_EXTENSION, Case, build_cases
+from .vocabulary import DRAFT_IDENTIFIER_SYSTEM
+from .case import Case, build_cases
+from .vocabulary import CLAIM_ENCOUNTER_EXTENSION
 from .errors import FatalFHIRError
 from .fhir_client import FHIRClient
 from .ingest import Index, load_value

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .case import Case, Session
-from .decision import Decision, Finding, Line, outcome_of
+from .case import Case, ClaimLine, Session
+from .decision import Decision, Finding, FlaggedLine, Line, outcome_of
 from .ruleset import RuleSet
 
 __all__ = ["RULES", "G0129", "Plan", "decide", "plan_lines"]
@@ -32,6 +32,7 @@ class Plan:
     lines: tuple[Line, ...]
     qualifying: tuple[Session, ...]
     unknown_length: tuple[Session, ...]
+    pending: tuple[Session, ...]  # not (yet) counted: a status a person must look at
 
 
 def _is_g0129(system: str | None, code: str | None) -> bool:
@@ -39,8 +40,10 @@ def _is_g0129(system: str | None, code: str | None) -> bool:
 
 
 def plan_lines(case: Case, rules: RuleSet) -> Plan:
-    qualifying = tuple(s for s in case.sessions if s.minutes is not None and s.minutes >= rules.minimum_minutes)
-    unknown = tuple(s for s in case.sessions if s.minutes is None)
+    counted = tuple(s for s in case.sessions if s.counts)
+    qualifying = tuple(s for s in counted if s.minutes is not None and s.minutes >= rules.minimum_minutes)
+    unknown = tuple(s for s in counted if s.minutes is None)
+    pending = tuple(s for s in case.sessions if s.status_class != "counted")
     by_date: dict[str, list[Session]] = defaultdict(list)
     for session in qualifying:
         if session.service_date:
@@ -64,7 +67,7 @@ def plan_lines(case: Case, rules: RuleSet) -> Plan:
                 procedures=tuple(s.procedure for s in by_date[date]),
             )
         )
-    return Plan(tuple(lines), qualifying, unknown)
+    return Plan(tuple(lines), qualifying, unknown, pending)
 
 
 Rule = Callable[[Case, Plan, RuleSet, list[str]], list[Finding]]
@@ -104,6 +107,17 @@ def _iop_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> lis
     ]
 
 
+def _session_status(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    for s in plan.pending:
+        if s.status_class == "review":
+            message = f"Session status is {s.status}: not counted until it is completed."
+        else:
+            message = f"Session status {s.status!r} is not a Procedure.status code (an input error): not counted."
+        findings.append(Finding("SESSION-STATUS", "review", message, s.procedure))
+    return findings
+
+
 def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     findings = [
         Finding(
@@ -112,11 +126,11 @@ def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
             s.procedure,
         )
         for s in case.sessions
-        if s.minutes is not None and s.minutes < rules.minimum_minutes
+        if s.counts and s.minutes is not None and s.minutes < rules.minimum_minutes
     ]
     if not case.sessions:
         findings.append(Finding("SESSION-LENGTH", "error", "No OT session is recorded for this encounter.", case.encounter))
-    elif not plan.qualifying and not plan.unknown_length:
+    elif not plan.qualifying and not plan.unknown_length and not plan.pending:
         findings.append(
             Finding("SESSION-LENGTH", "error", f"No OT session lasted {rules.minimum_minutes} minutes or more.", case.encounter)
         )
@@ -126,7 +140,15 @@ def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
 def _session_times(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     findings = []
     for s in case.sessions:
-        if s.start is None or s.end is None:
+        if s.duplicate_of:
+            continue
+        if s.invalid_times:
+            missing.append(f"session_times:{s.procedure}")
+            elements = ", ".join(s.invalid_times)
+            findings.append(
+                Finding("SESSION-TIMES", "review", f"{elements} is not a valid FHIR dateTime (an input error): the session is not counted.", s.procedure)
+            )
+        elif s.start is None or s.end is None:
             absent = " and ".join(n for n, v in (("start", s.start), ("end", s.end)) if v is None)
             missing.append(f"session_times:{s.procedure}")
             findings.append(
@@ -135,6 +157,41 @@ def _session_times(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
         elif s.minutes is not None and s.minutes <= 0:
             findings.append(Finding("SESSION-TIMES", "review", "Session ends before it starts.", s.procedure))
     return findings
+
+
+def _service_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = []
+    for s in case.sessions:
+        if not s.counts:
+            continue
+        if s.date_uncertain:
+            missing.append("time_zone")
+            findings.append(
+                Finding(
+                    "SERVICE-DATE", "review",
+                    f"Session start {s.start} is in UTC and neither its Encounter nor the site (site.yaml time_zone) "
+                    f"says where it was given: its local date may not be {s.service_date}.",
+                    s.procedure,
+                )
+            )
+        elif s.date_read_in:
+            findings.append(
+                Finding("SERVICE-DATE", "info", f"Session start {s.start} (UTC) read in {s.date_read_in}: service date {s.service_date}.", s.procedure)
+            )
+    return findings
+
+
+def _session_overlap(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    return [
+        Finding(
+            "SESSION-OVERLAP", "warning",
+            f"{', '.join((s.procedure,) + s.taken_as_one)} record the same session (same performer, overlapping times): "
+            f"counted once, as {s.procedure}.",
+            s.procedure,
+        )
+        for s in case.sessions
+        if s.taken_as_one
+    ]
 
 
 def _performer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
@@ -227,32 +284,49 @@ def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
     ]
 
 
-def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
-    findings = []
+def _ehr_g0129_lines(case: Case, plan: Plan) -> Iterator[tuple[ClaimLine, Line | None]]:
+    """The EHR's G0129 lines of this encounter, each with the planned line it stands for (None:
+    no qualifying session behind it, or a second line for a date already billed)."""
     planned = {line.service_date: line for line in plan.lines}
     seen: set[str] = set()
     for line in case.claim_lines:
-        if not case.owns(line) or line.ours:  # our own lines follow the decision, see annotate
-            continue
-        subject = f"{case.claim_ref}#item[{line.index}]"
-        if line.has_modifier_extension:
-            findings.append(
-                Finding("CLAIM-LINES", "review", "The line carries a modifierExtension the adapter does not understand.", subject)
-            )
-        if not _is_g0129(line.system, line.code):
-            continue
+        if not case.owns(line) or line.ours or not _is_g0129(line.system, line.code):
+            continue  # our own lines follow the decision, see annotate
         date = line.service_date or ""
-        target = planned.get(date)
-        if target is None or date in seen:
+        yield line, None if date in seen else planned.get(date)
+        seen.add(date)
+
+
+def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    findings = [
+        Finding("CLAIM-LINES", "review", "The line carries a modifierExtension the adapter does not understand.", f"{case.claim_ref}#item[{line.index}]")
+        for line in case.claim_lines
+        if case.owns(line) and not line.ours and line.has_modifier_extension
+    ]
+    for line, target in _ehr_g0129_lines(case, plan):
+        subject = f"{case.claim_ref}#item[{line.index}]"
+        date = line.service_date
+        if target is None:
             findings.append(
-                Finding("CLAIM-LINES", "warning", f"G0129 line on {date or 'no date'} has no qualifying session behind it; kept, not deleted.", subject)
+                Finding("CLAIM-LINES", "warning", f"G0129 line on {date or 'no date'} has no qualifying session behind it; kept and flagged, not deleted.", subject)
             )
         elif line.quantity != target.units:
             findings.append(
                 Finding("CLAIM-LINES", "warning", f"G0129 line on {date} has {line.quantity:g} units; the qualifying sessions make {target.units}.", subject)
             )
-        seen.add(date)
     return findings
+
+
+def _flagged_lines(case: Case, plan: Plan, outcome: str) -> tuple[FlaggedLine, ...]:
+    """The EHR's lines to flag: on a do-not-bill day all of them, on a bill day the unsupported
+    ones. A review leaves Claim.item as the EHR wrote it."""
+    if outcome == "review":
+        return ()
+    return tuple(
+        FlaggedLine(line.sequence, line.index, line.service_date, "do-not-bill" if outcome == "do-not-bill" else "unsupported")
+        for line, target in _ehr_g0129_lines(case, plan)
+        if outcome == "do-not-bill" or target is None
+    )
 
 
 def _day_units(case: Case, plan: Plan) -> dict[str, list[tuple[str, float]]]:
@@ -285,6 +359,21 @@ def _ot_only_day(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> 
     ]
 
 
+def _coverage(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    if case.coverage is None:
+        return []  # PAYER says the payer is not identified
+    if case.coverage_status != "active":
+        return [Finding("COVERAGE", "review", f"The Coverage's status is {case.coverage_status or 'not recorded'}, not active.", case.coverage)]
+    dates = sorted({line.service_date for line in plan.lines} or case.service_dates)
+    start, end = case.coverage_period
+    findings = []
+    if start and dates and dates[0] < start:
+        findings.append(Finding("COVERAGE", "review", f"The Coverage starts on {start}, after the service on {dates[0]}.", case.coverage))
+    if end and dates and dates[-1] > end:
+        findings.append(Finding("COVERAGE", "review", f"The Coverage ended on {end}, before the service on {dates[-1]}.", case.coverage))
+    return findings
+
+
 def _payer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     subject = case.coverage or case.claim_ref or case.encounter
     if case.payer_policy is None:
@@ -314,8 +403,11 @@ def _documentation(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
 RULES: dict[str, Rule] = {
     "PROGRAM": _program,
     "IOP-DATE": _iop_date,
+    "SESSION-STATUS": _session_status,
     "SESSION-LENGTH": _session_length,
     "SESSION-TIMES": _session_times,
+    "SERVICE-DATE": _service_date,
+    "SESSION-OVERLAP": _session_overlap,
     "PERFORMER": _performer,
     "REMOTE": _remote,
     "DIAGNOSIS": _diagnosis,
@@ -325,6 +417,7 @@ RULES: dict[str, Rule] = {
     "CLAIM-LINES": _claim_lines,
     "DAY-SERVICES": _day_services,
     "OT-ONLY-DAY": _ot_only_day,
+    "COVERAGE": _coverage,
     "PAYER": _payer,
     "DOCUMENTATION": _documentation,
 }
@@ -352,4 +445,5 @@ def decide(case: Case, rules: RuleSet) -> Decision:
         missing_data=tuple(dict.fromkeys(missing)),
         rules_passed=tuple(passed),
         ruleset_version=rules.version,
+        flagged_lines=_flagged_lines(case, plan, outcome),
     )

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -43,9 +44,11 @@ class RuleInfo:
 class PayerPolicy:
     key: str
     name: str
+    market: str  # the line of business the policy was written for (markets.yaml)
     sopt_codes: frozenset[str]
     names: tuple[str, ...]
     identifiers: frozenset[str]
+    states: frozenset[str]  # with names: the plan's state(s); empty = the name alone identifies it
     # program -> (accepts: True | False | None for unknown, source)
     programs: dict[str, tuple[bool | None, str]]
 
@@ -77,6 +80,8 @@ class RuleSet:
     claim_condition_codes: dict[str, str]
     program_codings: dict[Code, str]
     ot_codes: frozenset[Code]
+    counted_session_statuses: frozenset[str]
+    review_session_statuses: frozenset[str]
     excluded_session_statuses: frozenset[str]
     minimum_minutes: int
     performer_system: str
@@ -86,7 +91,10 @@ class RuleSet:
     bill_types_never: frozenset[str]
     services: dict[Code, str]  # code -> kind (ot | activity | other)
     payers: tuple[PayerPolicy, ...]
+    sopt_markets: dict[str, str]  # SOPT code prefix -> market
     documentation: tuple[DocElement, ...]
+    time_zone: str | None  # the site's IANA zone (site.yaml)
+    possible_time_zones: tuple[str, ...]
     source_dir: Path = field(default=DEFAULT_MAPPINGS_DIR)
 
     def system_key(self, uri: str | None) -> str | None:
@@ -97,6 +105,14 @@ class RuleSet:
 
     def system_uri(self, key: str) -> str:
         return self.canonical_systems.get(key, key)
+
+    def market_of(self, sopt_code: str) -> str | None:
+        """The line of business a Source of Payment Typology code names (longest prefix)."""
+        for n in range(len(sopt_code), 0, -1):
+            market = self.sopt_markets.get(sopt_code[:n])
+            if market:
+                return market
+        return None
 
     def rule(self, rule_id: str) -> RuleInfo:
         for info in self.rules:
@@ -213,15 +229,35 @@ def load_ruleset(directory: Path | None = None) -> RuleSet:
             PayerPolicy(
                 key=str(_require(doc, "key", payer_path)),
                 name=str(_require(doc, "name", payer_path)),
+                market=str(_require(doc, "market", payer_path)),
                 sopt_codes=frozenset(str(c) for c in match.get("sopt_codes") or ()),
                 names=tuple(str(n).lower() for n in match.get("names") or ()),
                 identifiers=frozenset(str(i) for i in match.get("identifiers") or ()),
+                states=frozenset(str(st).upper() for st in match.get("states") or ()),
                 programs={
                     str(program): (entry.get("accepts"), str(entry.get("source", "")))
                     for program, entry in policy.items()
                 },
             )
         )
+
+    markets_path = directory / "markets.yaml"
+    sopt_markets = {str(k): str(v) for k, v in (_require(_read_yaml(markets_path), "sopt_prefixes", markets_path) or {}).items()}
+
+    site_path = directory / "site.yaml"
+    site = _read_yaml(site_path)
+    time_zone = _require(site, "time_zone", site_path)
+    possible_zones = tuple(str(z) for z in _require(site, "possible_time_zones", site_path) or ())
+    for zone in ([time_zone] if time_zone else []) + list(possible_zones):
+        try:
+            ZoneInfo(str(zone))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise MappingError(f"{site_path}: {zone!r} is not an IANA time zone (e.g. America/Chicago)") from None
+
+    statuses = {
+        name: frozenset(str(v) for v in _require(ot, name, ot_path) or ())
+        for name in ("counted_statuses", "review_statuses", "excluded_statuses")
+    }
 
     doc_path = directory / "documentation.yaml"
     doc_table = _require(_read_yaml(doc_path), "elements", doc_path)
@@ -251,7 +287,9 @@ def load_ruleset(directory: Path | None = None) -> RuleSet:
         claim_condition_codes=claim_cc,
         program_codings=program_codings,
         ot_codes=ot_codes,
-        excluded_session_statuses=frozenset(ot.get("excluded_statuses") or ()),
+        counted_session_statuses=statuses["counted_statuses"],
+        review_session_statuses=statuses["review_statuses"],
+        excluded_session_statuses=statuses["excluded_statuses"],
         minimum_minutes=int(_require(ot, "minimum_minutes", ot_path)),
         performer_system=str(_require(perf, "system", perf_path)),
         ot_prefixes=tuple(_require(perf, "ot_prefixes", perf_path)),
@@ -260,6 +298,9 @@ def load_ruleset(directory: Path | None = None) -> RuleSet:
         bill_types_never=frozenset(_require(bills, "never", bill_path)),
         services=services,
         payers=tuple(payers),
+        sopt_markets=sopt_markets,
         documentation=tuple(elements),
+        time_zone=str(time_zone) if time_zone else None,
+        possible_time_zones=possible_zones,
         source_dir=directory,
     )

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .annotate import TAG_SYSTEM
+from .vocabulary import TAG_SYSTEM
 from .errors import FatalFHIRError
 from .fhir_client import FHIRClient
 

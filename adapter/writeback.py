@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from .annotate import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM, annotate
+from .annotate import annotate
+from .vocabulary import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM
 from .decision import Decision
 from .errors import FatalFHIRError, FHIRError, VersionConflict
 from .fhir_client import FHIRClient

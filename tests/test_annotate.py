@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import copy
 
-from adapter.annotate import ANNOTATED_TAG, DECISION_EXTENSION, annotate, draft_claim, draft_claim_id
+from adapter.annotate import annotate, draft_claim, draft_claim_id
+from adapter.vocabulary import ANNOTATED_TAG, DECISION_EXTENSION, LINE_FLAG_EXTENSION
 from adapter.fhir_models import validate
 from adapter.rules import decide
 from adapter.ruleset import RuleSet
@@ -52,7 +53,9 @@ def test_ehr_line_is_corrected_in_place_never_deleted(ruleset: RuleSet) -> None:
     assert len(after["item"]) == 4
     fixed, unsupported = after["item"][2], after["item"][3]
     assert fixed["revenue"]["coding"][0]["code"] == "0430" and fixed["quantity"]["value"] == 1
-    assert unsupported == r["claim"]["item"][3]
+    flag = unsupported.pop("extension")
+    assert unsupported == r["claim"]["item"][3], "kept digit for digit, only flagged"
+    assert flag[0]["url"] == LINE_FLAG_EXTENSION and flag[0]["extension"][0] == {"url": "reason", "valueCode": "unsupported"}
 
 
 def test_type_of_bill_in_subtype_is_copied_to_supporting_info(ruleset: RuleSet) -> None:
@@ -83,7 +86,11 @@ def test_draft_claim_is_deterministic_and_valid(ruleset: RuleSet) -> None:
     assert first["id"] == draft_claim_id("Encounter/e1") == "g0129-e1"
     assert first["status"] == "draft" and first["identifier"][0]["value"] == "Encounter/e1"
     assert first["patient"] == {"reference": "Patient/p1"} and first["insurance"][0]["coverage"] == {"reference": "Coverage/cov1"}
-    assert [i["productOrService"]["coding"][0]["code"] for i in first["item"]] == ["G0129"]
+    # No type of bill yet: review. The proposed line waits in the decision extension, not in item.
+    assert "item" not in first
+    ext = next(e for e in first["extension"] if e["url"] == DECISION_EXTENSION)
+    proposed = [p for p in ext["extension"] if p["url"] == "proposedLine"]
+    assert [next(x["valueCoding"]["code"] for x in p["extension"] if x["url"] == "code") for p in proposed] == ["G0129"]
     validate(first)
 
 

@@ -26,7 +26,7 @@ import httpx
 import orjson
 import pytest
 
-from adapter.annotate import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM
+from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM
 
 from .conftest import FIXTURES, ROOT
 

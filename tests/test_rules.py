@@ -335,13 +335,64 @@ def test_payers_without_policy_data_are_review(ruleset: RuleSet, name: str, key:
     assert "data not available" in next(f.message for f in d.findings if f.rule == "PAYER")
 
 
-def test_bcbs_accepts_php_refuses_iop(ruleset: RuleSet) -> None:
+def test_bcbs_nc_accepts_php_refuses_iop(ruleset: RuleSet) -> None:
     r = php_day()
     r["cms"]["name"] = "Blue Cross and Blue Shield of North Carolina"
-    assert findings(decision_of(r, ruleset), "PAYER") == []
+    r["cms"]["address"] = [{"city": "Durham", "state": "NC"}]
+    r["coverage"]["type"]["coding"][0]["code"] = "62"
+    d = decision_of(r, ruleset)
+    assert d.payer == "bcbs-nc" and findings(d, "PAYER") == []
     _make_iop(r)
     d = decision_of(r, ruleset)
     assert findings(d, "PAYER") == [("error", "Coverage/cov1")] and d.outcome == "do-not-bill"
+
+
+def test_bcbs_nc_is_matched_by_its_identifier_alone(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["cms"]["name"] = "BCBS"
+    r["cms"]["identifier"] = [{"system": "http://www.naic.org/company-code", "value": "54631"}]
+    assert decision_of(r, ruleset).payer == "bcbs-nc"
+
+
+@pytest.mark.parametrize(
+    "name,state",
+    [
+        ("Blue Cross Blue Shield of North Dakota", "ND"),
+        ("Blue Cross Blue Shield of Massachusetts", "MA"),
+        ("Blue Cross and Blue Shield of North Carolina", None),  # no state: the plan is not identified
+    ],
+)
+def test_any_other_blue_plan_has_no_policy(ruleset: RuleSet, name: str, state: str | None) -> None:
+    r = php_day()
+    r["cms"]["name"] = name
+    if state:
+        r["cms"]["address"] = [{"state": state}]
+    r["coverage"]["type"]["coding"][0]["code"] = "6"
+    d = decision_of(r, ruleset)
+    assert d.payer == "bcbs" and d.outcome == "review"
+    assert findings(d, "PAYER") == [("review", "Coverage/cov1")]
+    assert "data not available" in next(f.message for f in d.findings if f.rule == "PAYER")
+
+
+@pytest.mark.parametrize(
+    "name,sopt",
+    [
+        ("Humana Gold Plus H1036-236", "111"),
+        ("Aetna Medicare", "112"),  # never Aetna's commercial policy
+        ("UnitedHealthcare Medicare Advantage Choice", None),
+        ("Centers for Medicare & Medicaid Services", "14"),  # a dual-eligible plan is managed care
+    ],
+)
+def test_medicare_advantage_is_not_medicare_fee_for_service(ruleset: RuleSet, name: str, sopt: str | None) -> None:
+    r = php_day()
+    r["cms"]["name"] = name
+    if sopt:
+        r["coverage"]["type"]["coding"][0]["code"] = sopt
+    else:
+        del r["coverage"]["type"]
+    d = decision_of(r, ruleset)
+    assert d.payer == "medicare-advantage" and d.outcome == "review"
+    assert findings(d, "PAYER") == [("review", "Coverage/cov1")]
 
 
 def test_unknown_payer_is_review(ruleset: RuleSet) -> None:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import respx
 
-from adapter.annotate import DECISION_EXTENSION, TAG_SYSTEM
+from adapter.vocabulary import DECISION_EXTENSION, TAG_SYSTEM
 from adapter.fhir_client import FHIRClient
 from adapter.metrics import Metrics
 from adapter.queue import JobQueue

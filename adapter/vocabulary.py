@@ -1,0 +1,101 @@
+"""Facts about FHIR shapes that reading and writing both rely on, kept in one place.
+
+Which elements link a Claim to its encounters, what makes a Claim a candidate for G0129, what
+marks a line or a Claim as ours, and how versions and references are spelled. The case builder,
+the annotator, the server gatherer and the writer import these instead of each knowing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .ruleset import RuleSet
+
+__all__ = [
+    "ANNOTATED_TAG",
+    "CANONICAL",
+    "CLAIM_ENCOUNTER_EXTENSION",
+    "DECISION_EXTENSION",
+    "DRAFT_IDENTIFIER_SYSTEM",
+    "LINE_EXTENSION",
+    "LINE_FLAG_EXTENSION",
+    "TAG_SYSTEM",
+    "claim_encounter_references",
+    "draft_identifier",
+    "is_candidate_claim",
+    "meta_version",
+    "versioned_reference",
+]
+
+Resource = dict[str, Any]
+
+CANONICAL = "https://g0129-adapter.org/fhir"
+DECISION_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-decision"
+# Marks a Claim.item the adapter added (valueReference: its encounter), so a later decision that
+# no longer supports it can take back our own line. Lines the EHR wrote are never removed.
+LINE_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line"
+# Put on a G0129 line the EHR wrote that the decision does not support (no qualifying session
+# behind it, or a do-not-bill day): the line is kept for a person to act on, never deleted.
+LINE_FLAG_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line-flag"
+TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
+ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
+DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
+
+# R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this). No R4 search
+# parameter covers it: a server search on Claim:encounter only follows item.encounter.
+CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
+
+_INACTIVE_CLAIM = ("cancelled", "entered-in-error")
+
+
+def claim_encounter_references(claim: Resource) -> Iterator[Any]:
+    """Every Reference by which a Claim says which encounter it bills.
+
+    `item.encounter` (R4), the R5 cross-version extension on the header, and for a draft we made,
+    its identifier (a draft for a day we do not bill has no item to carry `item.encounter`).
+    """
+    for ext in claim.get("extension") or ():
+        if isinstance(ext, dict) and ext.get("url") == CLAIM_ENCOUNTER_EXTENSION:
+            yield ext.get("valueReference")
+    for item in claim.get("item") or ():
+        if isinstance(item, dict):
+            yield from item.get("encounter") or ()
+    draft = draft_identifier(claim)
+    if draft:
+        yield {"reference": draft}
+
+
+def draft_identifier(claim: Resource) -> str | None:
+    """The encounter (`Encounter/<id>`) a draft Claim of ours was made for, or None."""
+    for ident in claim.get("identifier") or ():
+        if isinstance(ident, dict) and ident.get("system") == DRAFT_IDENTIFIER_SYSTEM:
+            value = ident.get("value")
+            return value if isinstance(value, str) else None
+    return None
+
+
+def is_candidate_claim(claim: Resource, rules: RuleSet) -> bool:
+    """Whether G0129 may be written on this Claim: an institutional claim (UB-04/837I) with
+    `use = claim`, not cancelled. Pharmacy, professional, oral and vision Claims never are."""
+    if claim.get("use") != "claim" or claim.get("status") in _INACTIVE_CLAIM:
+        return False
+    claim_type = claim.get("type")
+    codings = claim_type.get("coding") if isinstance(claim_type, dict) else None
+    return any(
+        isinstance(c, dict) and rules.system_key(c.get("system")) == "claim_type" and c.get("code") == "institutional"
+        for c in codings or ()
+    )
+
+
+def meta_version(resource: Resource | None) -> str | None:
+    meta = (resource or {}).get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
+def versioned_reference(resource: Resource) -> str:
+    """`Type/id/_history/n`, or `Type/id` for a resource that carries no version."""
+    ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+    version = meta_version(resource)
+    return f"{ref}/_history/{version}" if version else ref
