@@ -10,7 +10,7 @@ variety); the rules stay small and pure.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -785,11 +785,14 @@ def _before(a: datetime, b: datetime) -> bool:
     return a < b
 
 
-def build_cases(index: Index, rules: RuleSet) -> list[Case]:
-    """One Case per Encounter that has an OT session or is part of a PHP/IOP program."""
+def build_cases(index: Index, rules: RuleSet, encounters: Collection[str] | None = None) -> list[Case]:
+    """One Case per Encounter (of `encounters`, when given) that has an OT session or is part of
+    a PHP/IOP program."""
     builder = _Builder(index, rules)
     cases = []
     for enc in index.of_type("Encounter"):
+        if encounters is not None and enc.key not in encounters:
+            continue
         case = builder.build(enc)
         if case is not None:
             cases.append(case)

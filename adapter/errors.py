@@ -4,7 +4,8 @@
     ├── InputError                 bad input; the rest of the run goes on
     │   ├── InvalidJSON            not parseable JSON (file, NDJSON line or HTTP body)
     │   ├── NotFHIR                JSON, but not a FHIR resource or Bundle
-    │   └── InvalidResource        a FHIR resource that breaks a rule we rely on
+    │   ├── InvalidResource        a FHIR resource that breaks a rule we rely on
+    │   └── InvalidElement         one element's value is not valid FHIR (its encounter is never billed)
     ├── MappingError               a table in mappings/ is missing or malformed
     ├── UsageError                 bad command-line use (exit 2)
     └── FHIRError                  talking to a FHIR server went wrong
@@ -24,6 +25,7 @@ __all__ = [
     "FHIRError",
     "FatalFHIRError",
     "InputError",
+    "InvalidElement",
     "InvalidJSON",
     "InvalidResource",
     "MappingError",
@@ -64,6 +66,18 @@ class NotFHIR(InputError):
 
 class InvalidResource(InputError):
     pass
+
+
+class InvalidElement(InputError):
+    """An element of a resource the rules read holds a value FHIR does not allow (a status that
+    is not a code of its value set, a date that is no dateTime). Named down to the value, so the
+    EHR team can find and fix the record."""
+
+    def __init__(self, message: str, source: str, resource: str, element: str, value: str) -> None:
+        super().__init__(f"{resource} {element}: {message}", source)
+        self.resource = resource
+        self.element = element
+        self.value = value
 
 
 class MappingError(AdapterError):

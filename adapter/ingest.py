@@ -250,15 +250,16 @@ def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Ent
 def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
     """Each input file, directories walked recursively in a stable order.
 
-    Inside a directory only `.json`, `.ndjson` and `.jsonl` files are read (a README or an
-    `*.expected.yaml` beside the data is not input); a file named on the command line is always read.
+    Inside a directory only `.json`, `.ndjson` and `.jsonl` files are read, and not the
+    `*.expected.*` files of a test scenario (a README or an `NN-x.expected.json` beside the data
+    is not input); a file named on the command line is always read.
     """
     for path in paths:
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for name in sorted(files):
-                    if name.endswith(INPUT_SUFFIXES):
+                    if name.endswith(INPUT_SUFFIXES) and ".expected." not in name:
                         yield Path(root) / name
         else:
             yield path

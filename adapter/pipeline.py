@@ -1,18 +1,27 @@
-"""ingest -> Case -> rules -> Decision -> annotate, for everything loaded in one run."""
+"""The one decision step: ingest -> Case -> rules -> Decision -> annotate, per Claim.
+
+Every door calls `evaluate`: `g0129 replay` and `evaluate` on files, `POST /$evaluate` on a
+request body, `replay --fhir-base` and the sidecar's worker on what they read from a FHIR
+server. The unit of the result is the Claim: all the encounters a Claim bills are decided
+together and written onto it at once, so a Claim billing several PHP days is written once per
+change, never once per day.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from .annotate import annotate, draft_claim
-from .case import build_cases
+from .case import Case, build_cases
 from .decision import Decision
-from .errors import InputError, InvalidResource
+from .errors import InputError, InvalidElement, InvalidResource
 from .fhir_models import validate
 from .ingest import Index
 from .rules import decide
 from .ruleset import RuleSet
+from .vocabulary import versioned_reference
 
 __all__ = ["AnnotatedClaim", "RunResult", "evaluate"]
 
@@ -22,43 +31,63 @@ class AnnotatedClaim:
     """A Claim with the decisions of every encounter it bills written onto it."""
 
     key: str  # "Claim/<id>"
-    source: str
-    original: dict[str, Any] | None  # None for a draft we made
+    source: str  # where the Claim (for a draft: its first encounter) came from
+    original: dict[str, Any] | None  # as read; None for a draft we make
     resource: dict[str, Any]
     decisions: list[Decision] = field(default_factory=list)
+    cases: list[Case] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.resource != self.original
+
+    def entities(self) -> list[str]:
+        """What the decisions were made from, version-specific where the input says its version:
+        the Claim as read, each Encounter, its sessions and the Coverage billed."""
+        refs = [versioned_reference(self.original)] if self.original is not None else []
+        for case in self.cases:
+            refs.append(versioned_reference(case.encounter_resource))
+            refs.extend(versioned_reference(s.resource) for s in case.sessions)
+        return list(dict.fromkeys(refs))
 
 
 @dataclass(slots=True)
 class RunResult:
     decisions: list[Decision]
     claims: list[AnnotatedClaim]  # valid ones, in order of first decision
-    errors: list[InputError]
+    errors: list[InputError]  # input problems met while deciding, and Claims that failed validation
 
 
-def evaluate(index: Index, rules: RuleSet, validate_claims: bool = True) -> RunResult:
-    """Decide every case in the index and annotate each Claim once with all its decisions.
+def evaluate(
+    index: Index, rules: RuleSet, validate_claims: bool = True, encounters: Collection[str] | None = None
+) -> RunResult:
+    """Decide every case in the index (or only `encounters`, as `Encounter/<id>`) and annotate
+    each Claim once with the decisions of all its encounters.
 
-    A PHP claim often bills several days (encounters): the decisions are applied to it one after
-    the other, which is safe because annotation is per date and per encounter.
+    A PHP claim often bills several days: the decisions are applied to it one after the other,
+    which is safe because annotation is per date and per encounter.
     """
     decisions: list[Decision] = []
     claims: dict[str, AnnotatedClaim] = {}
-    for case in build_cases(index, rules):
+    errors: list[InputError] = []
+    for case in build_cases(index, rules, encounters):
         decision = decide(case, rules)
         decisions.append(decision)
+        errors.extend(
+            InvalidElement(p.message, p.source, p.resource, p.element, p.value) for p in case.input_problems
+        )
         if case.claim is not None:
             key, source, original = case.claim.key, case.claim.source, case.claim.resource
+            base = original
         else:
-            original = None
-            draft = draft_claim(case, rules)
-            key, source = f"Claim/{draft['id']}", case.encounter
+            original, base = None, draft_claim(case, rules)
+            key, source = f"Claim/{base['id']}", case.source
         current = claims.get(key)
         if current is None:
-            base = original if original is not None else draft
             current = claims[key] = AnnotatedClaim(key, source, original, base)
         current.resource = annotate(current.resource, decision, rules)
         current.decisions.append(decision)
-    errors: list[InputError] = []
+        current.cases.append(case)
     valid = []
     for claim in claims.values():
         if validate_claims:

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import orjson
 
-from .errors import InputError
+from .errors import InputError, InvalidElement
 
 __all__ = ["DirectorySink", "error_record"]
 
@@ -18,7 +18,10 @@ FILES = ("decisions", "claims", "errors")
 
 
 def error_record(error: InputError) -> dict[str, Any]:
-    return {"source": error.source, "error": type(error).__name__, "message": error.message}
+    record: dict[str, Any] = {"source": error.source, "error": type(error).__name__, "message": error.message}
+    if isinstance(error, InvalidElement):
+        record |= {"resource": error.resource, "element": error.element, "value": error.value}
+    return record
 
 
 class DirectorySink:

@@ -21,6 +21,7 @@ import yaml
 from adapter.fhir_models import validate
 
 from .conftest import FIXTURES, ROOT
+from .golden import claims_by_fixture, golden_path
 
 SCENARIOS = sorted(FIXTURES.glob("*.expected.yaml"))
 
@@ -38,10 +39,20 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"proc": proc, "decisions": {d["encounter"]: d for d in decisions}, "claims": claims, "errors": errors, "count": len(decisions)}
 
 
+def _expected_input_errors() -> list[tuple[str, str, str]]:
+    return sorted(
+        (e["resource"], e["element"], str(e["value"]))
+        for p in SCENARIOS
+        for e in yaml.safe_load(p.read_text()).get("input_errors") or ()
+    )
+
+
 def test_replay_of_all_fixtures_succeeds(replay: dict[str, Any]) -> None:
     proc = replay["proc"]
-    assert proc.returncode == 0, proc.stderr
-    assert replay["errors"] == ""
+    # Exit 1: the scenarios with invalid input (and only their input errors) are reported.
+    assert proc.returncode == (1 if _expected_input_errors() else 0), proc.stderr
+    errors = [orjson.loads(line) for line in replay["errors"].splitlines()]
+    assert sorted((e["resource"], e["element"], e["value"]) for e in errors) == _expected_input_errors()
     assert "Traceback" not in proc.stderr
     expected = sum(len(yaml.safe_load(p.read_text())["decisions"]) for p in SCENARIOS)
     assert replay["count"] == expected, "every decided encounter has an expected decision"
@@ -62,6 +73,24 @@ def test_every_annotated_claim_is_valid_r4(replay: dict[str, Any]) -> None:
 
 def _finding_keys(findings: list[dict[str, Any]]) -> Counter[tuple[str, str, str]]:
     return Counter((f["rule"], f["severity"], f["subject"]) for f in findings)
+
+
+@pytest.fixture(scope="module")
+def golden_claims() -> dict[Path, list[dict[str, Any]]]:
+    return claims_by_fixture()
+
+
+def test_the_command_writes_the_claims_the_golden_files_hold(replay: dict[str, Any], golden_claims: dict[Path, list[dict[str, Any]]]) -> None:
+    written = sorted(orjson.dumps(c, option=orjson.OPT_SORT_KEYS) for c in replay["claims"])
+    decided = sorted(orjson.dumps(c, option=orjson.OPT_SORT_KEYS) for claims in golden_claims.values() for c in claims)
+    assert written == decided
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name.removesuffix(".expected.yaml"))
+def test_annotated_claims_match_the_golden_file(scenario: Path, golden_claims: dict[Path, list[dict[str, Any]]]) -> None:
+    fixture = next(p for p in FIXTURES.iterdir() if p.name.split(".")[0] == scenario.name.split(".")[0] and ".expected." not in p.name)
+    golden = orjson.loads(golden_path(fixture).read_bytes())
+    assert golden_claims.get(fixture.resolve(), []) == [e["resource"] for e in golden.get("entry", [])]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name.removesuffix(".expected.yaml"))
