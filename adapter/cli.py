@@ -28,7 +28,7 @@ import orjson
 from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
 from .fhir_client import FHIRClient
 from .ingest import Index, load_paths
-from .pipeline import AnnotatedClaim, evaluate
+from .pipeline import RunResult, evaluate
 from .queue import JobQueue
 from .ruleset import RuleSet, load_ruleset
 from .settings import Settings
@@ -103,26 +103,28 @@ def _replay(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], stderr: I
         stdout.write(f"  invalid input: {len(errors)} (see {args.out}/errors.ndjson)\n")
     failed = False
     if args.fhir_base:
-        failed = asyncio.run(_push(args, result.claims, rules, stdout, stderr))
+        failed = asyncio.run(_push(args, index, result, rules, stdout, stderr))
     elif args.dry_run:
         raise UsageError("--dry-run needs --fhir-base: it shows what would be written to that server")
     return EXIT_INVALID_INPUT if errors or failed else EXIT_OK
 
 
-async def _push(args: argparse.Namespace, claims: list[AnnotatedClaim], rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> bool:
+async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> bool:
     settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.fhir_base.rstrip("/"))
     async with FHIRClient.from_settings(settings) as client:
-        results = await push_claims(Writer(client, dry_run=args.dry_run), claims, rules)
+        results = await push_claims(Writer(client, dry_run=args.dry_run), index, run, rules)
     failed = False
     for claim, outcome in results:
         if isinstance(outcome, FHIRError):
             failed = True
             stderr.write(f"error: {claim.key}: not written: {outcome}\n")
-        elif outcome.result == "dry-run":
-            stdout.write(outcome.diff or f"{outcome.claim}: no change\n")
-        else:
-            version = f" (version {outcome.version})" if outcome.version else ""
-            stdout.write(f"{outcome.claim}: {outcome.result}{version}\n")
+            continue
+        for written in outcome:
+            if written.result == "dry-run":
+                stdout.write(written.diff or f"{written.claim}: no change\n")
+            else:
+                version = f" (version {written.version})" if written.version else ""
+                stdout.write(f"{written.claim}: {written.result}{version}\n")
     return failed
 
 

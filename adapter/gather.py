@@ -1,10 +1,11 @@
-"""Fetch one encounter's case from a FHIR server in few round trips.
+"""Fetch what deciding some encounters needs from a FHIR server, in few round trips.
 
-Round 1 is one search on the Encounter with `_include`/`_revinclude` (sessions, claims,
+Round 1 is one search on the Encounters with `_include`/`_revinclude` (sessions, claims,
 performers, encounter-linked documentation). Round 2 is one `batch` of patient-wide searches
-(coverages with their payors, our draft claim, conditions, patient-linked documentation). The
-results go into the same Index the offline replay uses, so the server path and the file path
-decide identically.
+(coverages with their payors, our draft claims, conditions, the patient's Claims,
+patient-linked documentation). When a Claim found bills other days, those encounters follow in
+another round. The results go into the same Index the offline replay uses, and the same
+`pipeline.evaluate` decides them, so the server path and the file path decide identically.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .vocabulary import DRAFT_IDENTIFIER_SYSTEM
-from .case import Case, build_cases
-from .vocabulary import CLAIM_ENCOUNTER_EXTENSION
 from .errors import FatalFHIRError
 from .fhir_client import FHIRClient
-from .ingest import Index, load_value
+from .ingest import Entry, Index, load_value
 from .notifications import Change, split_reference
 from .ruleset import RuleSet
+from .vocabulary import DRAFT_IDENTIFIER_SYSTEM, claim_encounter_references, is_candidate_claim
 
-__all__ = ["encounters_touched", "gather_case"]
+__all__ = ["encounters_touched", "gather"]
 
 PAGE = "200"
+# Rounds of following a Claim to the other days it bills; a PHP claim covers days of one patient.
+MAX_ROUNDS = 3
 
 
-async def encounters_touched(client: FHIRClient, change: Change) -> list[str]:
+async def encounters_touched(client: FHIRClient, change: Change, rules: RuleSet) -> list[str]:
     """Ids of the Encounters a changed Encounter, Procedure or Claim bears on."""
     if change.resource_type == "Encounter":
         return [change.resource_id]
@@ -38,13 +39,8 @@ async def encounters_touched(client: FHIRClient, change: Change) -> list[str]:
     refs: list[Any] = []
     if change.resource_type == "Procedure":
         refs.append(resource.get("encounter"))
-    else:
-        refs.extend(
-            e.get("valueReference") for e in resource.get("extension") or () if isinstance(e, dict) and e.get("url") == CLAIM_ENCOUNTER_EXTENSION
-        )
-        for item in resource.get("item") or ():
-            if isinstance(item, dict):
-                refs.extend(item.get("encounter") or ())
+    elif is_candidate_claim(resource, rules):  # a pharmacy or professional Claim is never ours to annotate
+        refs.extend(claim_encounter_references(resource))
     ids = []
     for ref in refs:
         parts = split_reference(ref.get("reference", "")) if isinstance(ref, dict) else None
@@ -63,17 +59,44 @@ def _documentation_types(rules: RuleSet, link: str) -> list[str]:
     return sorted({ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource" and ev.link == link})
 
 
-async def gather_case(
-    client: FHIRClient, encounter_id: str, rules: RuleSet, extra: Sequence[dict[str, Any]] = ()
-) -> tuple[Case | None, Index]:
-    """The Case of one encounter as the server has it now (None if it is not a G0129 case).
+async def gather(client: FHIRClient, encounter_ids: Sequence[str], rules: RuleSet, extra: Sequence[dict[str, Any]] = ()) -> Index:
+    """Everything needed to decide these encounters and every Claim that bills them, as the
+    server has it now.
 
-    `extra` are resources already in hand (the Claim a notification carried, which may link to
-    its encounter only by the R5 extension that no search parameter covers).
+    A Claim found for an encounter may bill other days too (a PHP claim often covers a week):
+    those encounters are gathered as well, so the Claim is decided, and written, as a whole.
+    `extra` are resources already in hand (the Claim a notification carried).
     """
     index = Index()
+    for resource in extra:
+        _add(index, resource, "notification")
+    gathered: set[str] = set()
+    patients: set[str] = set()
+    wanted = list(dict.fromkeys(encounter_ids))
+    for _ in range(MAX_ROUNDS):
+        ids = [i for i in wanted if i not in gathered]
+        if not ids:
+            break
+        await _encounters(client, index, ids, rules)
+        gathered.update(ids)
+        new_patients = sorted({p for p in (_patient_of(index, i) for i in ids) if p} - patients)
+        patients.update(new_patients)
+        await _patient_searches(client, index, new_patients, ids, rules)
+        # Follow the candidate Claims of what we have to the other encounters they bill.
+        for claim in index.of_type("Claim"):
+            if not is_candidate_claim(claim.resource, rules):
+                continue
+            linked = [i for i in (_encounter_id(index, ref, claim) for ref in claim_encounter_references(claim.resource)) if i]
+            if gathered.intersection(linked):
+                wanted.extend(i for i in linked if i not in wanted)
+    return index
+
+
+async def _encounters(client: FHIRClient, index: Index, ids: Sequence[str], rules: RuleSet) -> None:
+    """Round 1: the encounters with their sessions, Claims (item.encounter), performers,
+    episodes, diagnoses and encounter-linked documentation, in one search."""
     params: list[tuple[str, str]] = [
-        ("_id", encounter_id),
+        ("_id", ",".join(ids)),
         ("_include", "Encounter:subject"),
         ("_include", "Encounter:episode-of-care"),
         ("_include", "Encounter:diagnosis"),
@@ -86,19 +109,21 @@ async def gather_case(
     params += [("_revinclude", f"{t}:encounter") for t in _documentation_types(rules, "encounter")]
     params.append(("_count", PAGE))
     entries = await client.search_entries("Encounter", params)
-    _add(index, {"resourceType": "Bundle", "type": "searchset", "entry": entries}, f"{client.base_url}/Encounter?_id={encounter_id}")
-    encounter = index.by_key.get(f"Encounter/{encounter_id}")
-    if encounter is None:
-        return None, index
-    for resource in extra:
-        _add(index, resource, "notification")
+    _add(index, {"resourceType": "Bundle", "type": "searchset", "entry": entries}, f"{client.base_url}/Encounter?_id={','.join(ids)}")
 
-    subject = encounter.resource.get("subject")
-    patient = split_reference(subject.get("reference", "")) if isinstance(subject, dict) else None
-    searches = [f"Claim?identifier={DRAFT_IDENTIFIER_SYSTEM}|Encounter/{encounter_id}"]
-    if patient:
-        pid = f"{patient[0]}/{patient[1]}"
-        searches += [f"Coverage?beneficiary={pid}&_include=Coverage:payor&_count={PAGE}", f"Condition?patient={pid}&_count={PAGE}"]
+
+async def _patient_searches(client: FHIRClient, index: Index, patients: Sequence[str], ids: Sequence[str], rules: RuleSet) -> None:
+    """Round 2, one batch: our drafts by identifier, and per patient the coverages with their
+    payors, conditions, patient-linked documentation and the Claims. A Claim that names its
+    encounter only in the R5 extension is found among the patient's Claims: no R4 search
+    parameter covers that extension, so a server cannot be asked for it directly."""
+    searches = [f"Claim?identifier={DRAFT_IDENTIFIER_SYSTEM}|Encounter/{i}" for i in ids]
+    for pid in patients:
+        searches += [
+            f"Coverage?beneficiary={pid}&_include=Coverage:payor&_count={PAGE}",
+            f"Condition?patient={pid}&_count={PAGE}",
+            f"Claim?patient={pid}&_count={PAGE}",
+        ]
         searches += [f"{t}?patient={pid}&_count={PAGE}" for t in _documentation_types(rules, "patient")]
     batch = {
         "resourceType": "Bundle",
@@ -113,7 +138,17 @@ async def gather_case(
         if isinstance(entry.get("resource"), dict):
             _add(index, entry["resource"], f"{client.base_url}/{searches[n]}")
 
-    for case in build_cases(index, rules):
-        if case.encounter == f"Encounter/{encounter_id}":
-            return case, index
-    return None, index
+
+def _patient_of(index: Index, encounter_id: str) -> str | None:
+    encounter = index.by_key.get(f"Encounter/{encounter_id}")
+    subject = encounter.resource.get("subject") if encounter else None
+    parts = split_reference(subject.get("reference", "")) if isinstance(subject, dict) else None
+    return f"{parts[0]}/{parts[1]}" if parts and parts[0] == "Patient" else None
+
+
+def _encounter_id(index: Index, reference: Any, context: Entry) -> str | None:
+    hit = index.resolve_entry(reference, context)
+    if isinstance(hit, Entry):
+        return hit.id if hit.type == "Encounter" else None
+    parts = split_reference(reference.get("reference", "")) if isinstance(reference, dict) else None
+    return parts[1] if parts and parts[0] == "Encounter" else None

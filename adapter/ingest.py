@@ -116,6 +116,16 @@ class Index:
             self.by_full_url[entry.full_url] = entry
         self.by_type.setdefault(entry.type, []).append(entry)
 
+    def replace(self, entry: Entry) -> None:
+        """Put `entry` in place of the resource of the same key, whatever the versions say
+        (the server's copy of a Claim stands for it, older or newer than a file's)."""
+        current = self.by_key.pop(entry.key, None)
+        if current is not None:
+            self.by_type[entry.type] = [e for e in self.by_type[entry.type] if e is not current]
+            if current.full_url and self.by_full_url.get(current.full_url) is current:
+                del self.by_full_url[current.full_url]
+        self.add(entry)
+
     def of_type(self, resource_type: str) -> list[Entry]:
         return self.by_type.get(resource_type, [])
 

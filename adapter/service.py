@@ -7,7 +7,7 @@ notification Bundle.
 
     PUT  /notify/{type}/{id}   R4 rest-hook with the full resource
     POST /notify               R4 rest-hook without payload, or a notification Bundle
-    POST /$evaluate            a Bundle in, decisions out, nothing written
+    POST /$evaluate            a Bundle in, decisions and annotated Claims out, nothing written
     GET  /healthz /readyz /metrics
 """
 
@@ -201,7 +201,7 @@ def create_app(
         for entry in entries:
             index.add(entry)
         result = await asyncio.to_thread(evaluate, index, rules, False)
-        return JSONResponse({"decisions": [d.to_json() for d in result.decisions]})
+        return JSONResponse({"decisions": [d.to_json() for d in result.decisions], "claims": [c.resource for c in result.claims]})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -17,17 +17,15 @@ from typing import Any
 
 import orjson
 
-from .annotate import annotate, draft_claim
 from .errors import AdapterError, TransientFHIRError, VersionConflict
 from .fhir_client import FHIRClient
-from .fhir_models import validate
-from .gather import encounters_touched, gather_case
+from .gather import encounters_touched, gather
 from .metrics import Metrics
 from .notifications import Change
+from .pipeline import RunResult, evaluate
 from .queue import Job, JobQueue
-from .rules import decide
 from .ruleset import RuleSet
-from .writeback import Writer
+from .writeback import WriteResult, Writer, settle
 
 __all__ = ["CATCH_UP", "CHECKPOINT", "RESOURCE", "Worker"]
 
@@ -37,7 +35,6 @@ RESOURCE = "resource"  # job kind: look at this resource (version)
 CATCH_UP = "catch-up"  # job kind: search for what changed since the checkpoint
 CHECKPOINT = "lastUpdated"
 WATCHED = ("Encounter", "Procedure", "Claim")
-MAX_CONFLICTS = 3
 DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.
@@ -127,36 +124,37 @@ class Worker:
             self.metrics.writebacks.labels("own-echo").inc()
             return
         extra = [payload] if payload and change.resource_type == "Claim" else []
-        for encounter_id in await encounters_touched(self.client, change):
-            await self.decide_and_write(encounter_id, extra)
+        encounter_ids = await encounters_touched(self.client, change, self.rules)
+        if encounter_ids:
+            await self.sync(encounter_ids, extra)
 
-    async def decide_and_write(self, encounter_id: str, extra: Sequence[dict[str, Any]] = ()) -> None:
-        """Gather, decide, annotate, write; on a version conflict start over from a fresh read."""
-        for _ in range(MAX_CONFLICTS):
-            case, _index = await gather_case(self.client, encounter_id, self.rules, extra)
+    async def sync(self, encounter_ids: Sequence[str], extra: Sequence[dict[str, Any]] = ()) -> list[WriteResult]:
+        """Decide these encounters and every Claim that bills them, as the server has them now,
+        and write each Claim that changed once (the one decision step, `pipeline.evaluate`)."""
+        carried = list(extra)
+
+        async def decide() -> RunResult:
+            index = await gather(self.client, encounter_ids, self.rules, carried)
             # A Claim carried by the notification may be older than the server's: after a
             # conflict, only what the server says now counts.
-            extra = ()
-            if case is None:
-                return
-            decision = decide(case, self.rules)
-            self.metrics.decisions.labels(decision.outcome).inc()
-            current = case.claim.resource if case.claim is not None else None
-            annotated = annotate(current if current is not None else draft_claim(case, self.rules), decision, self.rules)
-            validate(annotated, f"annotated Claim for {case.encounter}")
-            entities = [_versioned(case.encounter_resource)] + [_versioned(s.resource) for s in case.sessions]
-            if current is not None:
-                entities.append(_versioned(current))
-            try:
-                result = await self.writer.write(annotated, current, [decision], entities)
-            except VersionConflict:
-                self.metrics.writebacks.labels("conflict").inc()
-                continue
+            carried.clear()
+            run = await asyncio.to_thread(evaluate, index, self.rules)
+            for error in run.errors:
+                log.warning("input error: %s", error)
+            return run
+
+        results = await settle(self.writer, decide, lambda claim: claim.original, on_conflict=self._conflict)
+        for result in results:
             self.metrics.writebacks.labels(result.result).inc()
+            for decision in result.decisions:
+                self.metrics.decisions.labels(decision.outcome).inc()
+                log.info("%s %s: %s (%s)", decision.encounter, result.claim, decision.outcome, ", ".join(decision.rule_ids) or "no finding")
             if result.diff:
                 log.info("dry run, not written:\n%s", result.diff)
-            return
-        raise VersionConflict(f"Encounter/{encounter_id}: the Claim kept changing under us ({MAX_CONFLICTS} tries)")
+        return results
+
+    def _conflict(self) -> None:
+        self.metrics.writebacks.labels("conflict").inc()
 
     async def catch_up(self) -> int:
         """Queue every watched resource changed since the checkpoint; returns how many were new."""
@@ -207,7 +205,3 @@ def _instant(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _versioned(resource: dict[str, Any]) -> str:
-    meta = resource.get("meta") or {}
-    ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-    return f"{ref}/_history/{meta['versionId']}" if meta.get("versionId") else ref

@@ -13,25 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from typing import Any
 
 import orjson
 
-from .annotate import annotate
-from .vocabulary import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM
 from .decision import Decision
-from .errors import FatalFHIRError, FHIRError, VersionConflict
+from .errors import FatalFHIRError, FHIRError, InvalidResource, VersionConflict
 from .fhir_client import FHIRClient
-from .pipeline import AnnotatedClaim
+from .ingest import Entry, Index
+from .pipeline import AnnotatedClaim, RunResult, evaluate
 from .ruleset import RuleSet
+from .vocabulary import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM, draft_identifier, meta_version
 
-__all__ = ["WriteResult", "Writer", "claim_diff", "push_claims"]
+__all__ = ["WriteResult", "Writer", "claim_diff", "provenance", "push_claims", "settle"]
+
+log = logging.getLogger(__name__)
 
 AGENT = "G0129 billing adapter"
+MAX_CONFLICTS = 3
+_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+_ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,7 @@ class WriteResult:
     result: str  # created | updated | unchanged | dry-run
     version: str | None = None
     diff: str = ""
+    decisions: tuple[Decision, ...] = ()
 
 
 def claim_diff(before: dict[str, Any] | None, after: dict[str, Any], name: str) -> str:
@@ -57,24 +66,51 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _provenance(target: str, decisions: Sequence[Decision], entities: Sequence[str], activity: str) -> dict[str, Any]:
-    provenance: dict[str, Any] = {
+def _version() -> str:
+    try:
+        return metadata.version("g0129-adapter")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def provenance(target: str, claim: AnnotatedClaim, activity: str) -> dict[str, Any]:
+    """The one Provenance recipe for every write: the Claim version written, what the decisions
+    were made from (version-specific), the adapter as a Device with its version, coded activity
+    and reason."""
+    return {
         "resourceType": "Provenance",
         "meta": {"tag": [dict(ANNOTATED_TAG)]},
-        "target": [{"reference": target}],
-        "recorded": _now(),
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity}]},
-        "agent": [
+        "contained": [
             {
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "assembler"}]},
-                "who": {"display": AGENT},
+                "resourceType": "Device",
+                "id": "adapter",
+                "deviceName": [{"name": AGENT, "type": "manufacturer-name"}],
+                "version": [{"value": _version()}],
             }
         ],
-        "reason": [{"text": f"G0129 decision {d.outcome} for {d.encounter} (ruleset {d.ruleset_version})"} for d in decisions],
+        "target": [{"reference": target}],
+        "recorded": _now(),
+        "activity": {"coding": [{"system": _DATA_OPERATION, "code": activity}]},
+        "reason": [
+            {
+                "coding": [{"system": _ACT_REASON, "code": "HPAYMT", "display": "healthcare payment"}],
+                "text": "; ".join(f"G0129 decision {d.outcome} for {d.encounter} (ruleset {d.ruleset_version})" for d in claim.decisions),
+            }
+        ],
+        "agent": [
+            {
+                "type": {"coding": [{"system": _PARTICIPANT_TYPE, "code": "assembler"}]},
+                "who": {"reference": "#adapter", "display": AGENT},
+            }
+        ],
+        "entity": [{"role": "source", "what": {"reference": ref}} for ref in claim.entities()],
     }
-    if entities:
-        provenance["entity"] = [{"role": "source", "what": {"reference": ref}} for ref in entities]
-    return provenance
+
+
+def _next_version(version: str | None) -> str | None:
+    """The version an update on top of `version` makes. FHIR versionIds are opaque; HAPI and the
+    servers we know count 1, 2, 3..., and the response is checked against it (see `write`)."""
+    return str(int(version) + 1) if version and version.isdigit() else None
 
 
 def _version_from(entry: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -103,49 +139,50 @@ class Writer:
         self.on_write = on_write
         self.dry_run = dry_run
 
-    async def write(
-        self,
-        annotated: dict[str, Any],
-        current: dict[str, Any] | None,
-        decisions: Sequence[Decision],
-        entities: Sequence[str] = (),
-    ) -> WriteResult:
-        """Write `annotated`, made from `current` (the server's version, None for a new claim)."""
+    async def write(self, claim: AnnotatedClaim, current: dict[str, Any] | None) -> WriteResult:
+        """Write `claim.resource`, made from `current` (the server's version, None when the
+        server has no such Claim), in one transaction with its Provenance."""
+        annotated = claim.resource
         claim_id = str(annotated.get("id") or "")
         name = f"Claim/{claim_id}"
+        decisions = tuple(claim.decisions)
         if current is not None and annotated == current:
-            return WriteResult(name, "unchanged", _meta_version(current))
+            return WriteResult(name, "unchanged", meta_version(current), decisions=decisions)
         if self.dry_run:
-            return WriteResult(name, "dry-run", _meta_version(current) if current else None, claim_diff(current, annotated, name))
+            return WriteResult(name, "dry-run", meta_version(current), claim_diff(current, annotated, name), decisions)
+        expected: str | None
         if current is not None:
-            version = _meta_version(current)
+            version = meta_version(current)
             request: dict[str, Any] = {"method": "PUT", "url": name}
             if version:
                 request["ifMatch"] = f'W/"{version}"'
             claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": request}
-            target, activity = name, "UPDATE"
-        elif _draft_identifier(annotated):
-            # Our draft: created once, whatever the number of runs or workers racing.
+            expected = _next_version(version)
+            target = f"{name}/_history/{expected}" if expected else name
+            activity = "UPDATE"
+        elif draft_identifier(annotated):
+            # Our draft: created once, whatever the number of runs or workers racing. The server
+            # gives it its id, so the Provenance names it by fullUrl and the server resolves it.
             draft = {k: v for k, v in annotated.items() if k != "id"}
             full_url = f"urn:uuid:{uuid.uuid4()}"
-            request = {"method": "POST", "url": "Claim", "ifNoneExist": f"identifier={DRAFT_IDENTIFIER_SYSTEM}|{_draft_identifier(annotated)}"}
+            request = {"method": "POST", "url": "Claim", "ifNoneExist": f"identifier={DRAFT_IDENTIFIER_SYSTEM}|{draft_identifier(annotated)}"}
             claim_entry = {"fullUrl": full_url, "resource": draft, "request": request}
-            target, activity = full_url, "CREATE"
+            target, activity, expected = full_url, "CREATE", "1"
         else:
             # An EHR claim the server does not have yet (a replay of files): create it under
             # its own id, so the next run updates the same resource.
             claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": {"method": "PUT", "url": name}}
-            target, activity = name, "CREATE"
+            target, activity, expected = f"{name}/_history/1", "CREATE", "1"
         bundle = {
             "resourceType": "Bundle",
             "type": "transaction",
             "entry": [
                 claim_entry,
-                {"resource": _provenance(target, decisions, entities, activity), "request": {"method": "POST", "url": "Provenance"}},
+                {"resource": provenance(target, claim, activity), "request": {"method": "POST", "url": "Provenance"}},
             ],
         }
         # An If-Match mismatch comes back as 409 (HAPI-0989) or 412; the client raises
-        # VersionConflict for both, and the caller re-reads and re-decides.
+        # VersionConflict for both, and `settle` re-reads and re-decides.
         response = await self.client.transaction(bundle)
         entries = response.get("entry") or []
         if not entries:
@@ -153,51 +190,70 @@ class Writer:
         rid, version = _version_from(entries[0])
         status = str((entries[0].get("response") or {}).get("status", ""))
         rid = rid or claim_id
+        if version and expected and version != expected and not status.startswith("200"):
+            log.warning("%s: the server wrote version %s, the Provenance names %s", name, version, target)
         if self.on_write and rid and version:
             await asyncio.to_thread(self.on_write, rid, version)
         result = "created" if status.startswith("201") else "updated"
-        return WriteResult(f"Claim/{rid}", result, version)
+        return WriteResult(f"Claim/{rid}", result, version, decisions=decisions)
 
 
-def _draft_identifier(claim: dict[str, Any]) -> str | None:
-    return next(
-        (i.get("value") for i in claim.get("identifier") or () if isinstance(i, dict) and i.get("system") == DRAFT_IDENTIFIER_SYSTEM),
-        None,
-    )
+async def settle(
+    writer: Writer,
+    decide: Callable[[], Awaitable[RunResult]],
+    current_of: Callable[[AnnotatedClaim], dict[str, Any] | None],
+    max_conflicts: int = MAX_CONFLICTS,
+    on_conflict: Callable[[], None] | None = None,
+) -> list[WriteResult]:
+    """The one conflict policy: decide from what the server holds now, write each Claim once;
+    on 409/412 (someone wrote the Claim meanwhile, a biller's edit) read it and its case again,
+    decide again and retry, so that edit is kept. Claims already written come back `unchanged`."""
+    for _ in range(max_conflicts):
+        run = await decide()
+        results: dict[str, WriteResult] = {}
+        try:
+            for claim in run.claims:
+                results[claim.key] = await writer.write(claim, current_of(claim))
+        except VersionConflict:
+            if on_conflict is not None:
+                on_conflict()
+            continue
+        for error in run.errors:
+            if isinstance(error, InvalidResource):  # an annotated Claim we must not write
+                raise error
+        return list(results.values())
+    raise VersionConflict(f"the Claim kept changing under us ({max_conflicts} tries)")
 
 
 async def push_claims(
-    writer: Writer, claims: Sequence[AnnotatedClaim], rules: RuleSet, max_conflicts: int = 3
-) -> list[tuple[AnnotatedClaim, WriteResult | FHIRError]]:
-    """Write the Claims of an offline run to the server, each on top of the server's version.
+    writer: Writer, index: Index, run: RunResult, rules: RuleSet
+) -> list[tuple[AnnotatedClaim, list[WriteResult] | FHIRError]]:
+    """Write the Claims of an offline run to the server, each decided on top of the server's
+    version: its case comes from the files, its Claim from the server (a biller's edits stay).
+    One Claim's failure does not stop the others."""
+    results: list[tuple[AnnotatedClaim, list[WriteResult] | FHIRError]] = []
+    for claim in run.claims:
+        encounters = [case.encounter for case in claim.cases]
+        server: dict[str, Any] | None = None
 
-    The decisions are re-applied to what the server holds now (a biller's edits stay); a
-    version conflict re-reads and tries again. One claim's failure does not stop the others.
-    """
-    results: list[tuple[AnnotatedClaim, WriteResult | FHIRError]] = []
-    for claim in claims:
-        outcome: WriteResult | FHIRError
+        async def decide(claim: AnnotatedClaim = claim, encounters: list[str] = encounters) -> RunResult:
+            nonlocal server
+            server = await _server_copy(writer.client, claim)
+            if server is not None:
+                index.replace(Entry(server, f"{writer.client.base_url}/{claim.key}"))
+            return await asyncio.to_thread(evaluate, index, rules, True, encounters)
+
         try:
-            for _ in range(max_conflicts):
-                current = await _server_copy(writer.client, claim)
-                annotated = claim.resource
-                if current is not None:
-                    annotated = current
-                    for decision in claim.decisions:
-                        annotated = annotate(annotated, decision, rules)
-                try:
-                    outcome = await writer.write(annotated, current, claim.decisions, [d.encounter for d in claim.decisions])
-                    break
-                except VersionConflict as exc:
-                    outcome = exc
+            results.append((claim, await settle(writer, decide, lambda _: server)))
         except FHIRError as exc:
-            outcome = exc
-        results.append((claim, outcome))
+            results.append((claim, exc))
+        except InvalidResource as exc:
+            results.append((claim, FatalFHIRError(str(exc))))
     return results
 
 
 async def _server_copy(client: FHIRClient, claim: AnnotatedClaim) -> dict[str, Any] | None:
-    identifier = _draft_identifier(claim.resource)
+    identifier = draft_identifier(claim.resource)
     if claim.original is None and identifier:
         found = await client.search("Claim", [("identifier", f"{DRAFT_IDENTIFIER_SYSTEM}|{identifier}")])
         return found[0] if found else None
@@ -207,9 +263,3 @@ async def _server_copy(client: FHIRClient, claim: AnnotatedClaim) -> dict[str, A
         if exc.status in (404, 410):
             return None
         raise
-
-
-def _meta_version(resource: dict[str, Any] | None) -> str | None:
-    meta = (resource or {}).get("meta")
-    version = meta.get("versionId") if isinstance(meta, dict) else None
-    return str(version) if version else None

@@ -100,7 +100,8 @@ def test_unreachable_fhir_server_accepts_survives_kill_9_and_deduplicates(tmp_pa
     env = {**env, "G0129_FHIR_BASE_URL": f"http://127.0.0.1:{closed}/fhir", "G0129_CATCHUP_INTERVAL": "3600"}
     port = free_port()
     claim = {
-        "resourceType": "Claim", "id": "c1", "meta": {"versionId": "3"}, "status": "active",
+        "resourceType": "Claim", "id": "c1", "meta": {"versionId": "3"}, "status": "active", "use": "claim",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "institutional"}]},
         "item": [{"sequence": 1, "encounter": [{"reference": "Encounter/e1"}]}],
     }
     headers = {"Authorization": f"Bearer {TOKEN}"}

@@ -91,8 +91,16 @@ def test_a_change_is_decided_and_written_back_with_provenance(worker: Worker, fa
     assert any(e["url"] == DECISION_EXTENSION for e in claim["extension"])
     assert {"system": TAG_SYSTEM, "code": "annotated"}.items() <= claim["meta"]["tag"][0].items()
     provenances = fake.all("Provenance")
-    assert len(provenances) == 1 and provenances[0]["target"] == [{"reference": "Claim/php01-claim"}]
-    assert "Encounter/php01-enc/_history/1" in [e["what"]["reference"] for e in provenances[0]["entity"]]
+    # One recipe: the version written, what it was made from (version-specific), the adapter.
+    provenance = provenances[0]
+    assert len(provenances) == 1 and provenance["target"] == [{"reference": "Claim/php01-claim/_history/2"}]
+    assert [e["what"]["reference"] for e in provenance["entity"]] == [
+        "Claim/php01-claim/_history/1", "Encounter/php01-enc/_history/1", "Procedure/php01-ot1/_history/1",
+    ]
+    assert provenance["agent"][0]["who"]["reference"] == "#adapter"
+    assert provenance["contained"][0]["resourceType"] == "Device"
+    assert provenance["activity"]["coding"][0]["code"] == "UPDATE"
+    assert provenance["reason"][0]["coding"][0]["code"] == "HPAYMT"
     assert claim_writes(fake)[0]["request"]["ifMatch"] == 'W/"1"'
     assert worker.queue.is_own_write("php01-claim", "2")
     assert worker.queue.counts()["pending"] == 0
