@@ -26,7 +26,9 @@ from .decision import Decision, Line
 from .rules import G0129
 from .ruleset import RuleSet
 from .vocabulary import (
+    ADDED_EXTENSION,
     ANNOTATED_TAG,
+    CORRECTED_EXTENSION,
     DECISION_EXTENSION,
     DRAFT_IDENTIFIER_SYSTEM,
     LINE_EXTENSION,
@@ -116,16 +118,39 @@ def _revenue(code: str, rules: RuleSet) -> Resource:
     return {"coding": [{"system": rules.system_uri("revenue"), "code": code}]}
 
 
+def _correct(item: Resource, field: str, value: Any) -> None:
+    """Set an EHR line's `field`, keeping what the EHR wrote in the g0129-corrected extension
+    (once: a later correction keeps the EHR's value, not ours), or dropping that record when the
+    value goes back to the EHR's."""
+    extensions = [e for e in item.get("extension") or () if isinstance(e, dict)]
+    record = next((e for e in extensions if e.get("url") == CORRECTED_EXTENSION), None)
+    parts = [p for p in (record or {}).get("extension") or () if isinstance(p, dict)]
+    value_key = {"revenue": "valueCodeableConcept", "quantity": "valueQuantity"}[field]
+    original = next((p for p in parts if p.get("url") == field or (p.get("url") == "absent" and p.get("valueCode") == field)), None)
+    if original is None:
+        original = {"url": field, value_key: item[field]} if field in item else {"url": "absent", "valueCode": field}
+        parts.append(original)
+    item[field] = value
+    if original.get(value_key) == value:
+        parts.remove(original)
+    others = [e for e in extensions if e.get("url") != CORRECTED_EXTENSION]
+    if parts:
+        others.append({"url": CORRECTED_EXTENSION, "extension": parts})
+    item.pop("extension", None)
+    if others:
+        item["extension"] = others
+
+
 def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> None:
     items = claim.setdefault("item", [])
     for item in items:
         if _is_g0129_item(item, rules) and _item_date(item) == line.service_date:
             current = next((c for _, c in codings(item.get("revenue"))), None)
             if current != line.revenue_code:
-                item["revenue"] = _revenue(line.revenue_code, rules)
+                _correct(item, "revenue", _revenue(line.revenue_code, rules))
             quantity = item.get("quantity") if isinstance(item.get("quantity"), dict) else {}
             if quantity.get("value") != line.units:
-                item["quantity"] = {**quantity, "value": line.units}
+                _correct(item, "quantity", {**quantity, "value": line.units})
             return
     new: Resource = {
         "extension": [{"url": LINE_EXTENSION, "valueReference": {"reference": encounter}}],
@@ -195,13 +220,14 @@ def _find_item(claim: Resource, sequence: int | None, index: int) -> Resource | 
     return items[index] if index < len(items) else None
 
 
-def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, rules: RuleSet) -> None:
+def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, encounter: str, rules: RuleSet) -> None:
     infos = claim.setdefault("supportingInfo", [])
     for info in infos:
         if isinstance(info, dict) and any(rules.system_key(s) == system_key for s, _ in codings(info.get("code"))):
             return
     infos.append(
         {
+            "extension": [{"url": ADDED_EXTENSION, "valueReference": {"reference": encounter}}],
             "sequence": _next_sequence(infos),
             "category": category,
             "code": {"coding": [{"system": rules.system_uri(system_key), "code": code}]},
@@ -209,13 +235,13 @@ def _put_supporting_info(claim: Resource, category: Resource, system_key: str, c
     )
 
 
-def _condition_code(claim: Resource, program: str, rules: RuleSet) -> None:
+def _condition_code(claim: Resource, program: str, encounter: str, rules: RuleSet) -> None:
     code = next(c for c, p in rules.claim_condition_codes.items() if p == program)
     category = {"coding": [{"system": rules.system_uri("supporting_info_category"), "code": "info"}]}
-    _put_supporting_info(claim, category, "condition_code", code, rules)
+    _put_supporting_info(claim, category, "condition_code", code, encounter, rules)
 
 
-def _type_of_bill(claim: Resource, rules: RuleSet) -> None:
+def _type_of_bill(claim: Resource, encounter: str, rules: RuleSet) -> None:
     """Copy a type of bill found only in Claim.subType to the CARIN-style supportingInfo slot."""
     has_slot = any(
         isinstance(i, dict) and any(c == "typeofbill" for _, c in codings(i.get("category")))
@@ -226,7 +252,7 @@ def _type_of_bill(claim: Resource, rules: RuleSet) -> None:
     tob = next((c for s, c in codings(claim.get("subType")) if rules.system_key(s) == "bill_type"), None)
     if tob:
         category = {"coding": [{"system": rules.system_uri("carin_supporting_info"), "code": "typeofbill"}]}
-        _put_supporting_info(claim, category, "bill_type", tob, rules)
+        _put_supporting_info(claim, category, "bill_type", tob, encounter, rules)
 
 
 def _proposed_line(line: Line, rules: RuleSet) -> Resource:
@@ -277,8 +303,8 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     if not out.get("item"):  # FHIR JSON has no empty arrays
         out.pop("item", None)
     if decision.program:
-        _condition_code(out, decision.program, rules)
-    _type_of_bill(out, rules)
+        _condition_code(out, decision.program, decision.encounter, rules)
+    _type_of_bill(out, decision.encounter, rules)
     # One decision extension per encounter: a claim covering several PHP days carries each.
     mine = _decision_extension(decision, rules)
     extensions = list(out.get("extension") or ())

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from .ingest import Entry, Index
 from .ruleset import PayerPolicy, RuleSet
-from .vocabulary import LINE_EXTENSION, claim_encounter_references, is_candidate_claim
+from .vocabulary import LINE_EXTENSION, claim_encounter_references, draft_identifier, ehr_view, is_candidate_claim
 
 __all__ = [
     "Case",
@@ -145,6 +145,7 @@ class Case:
     unknown_modifier_extensions: tuple[str, ...] = ()
     input_problems: tuple[InputProblem, ...] = ()
     source: str = ""  # where the Encounter came from
+    draft: bool = False  # `claim` is a draft we made earlier: the EHR has no claim yet
 
     @property
     def program(self) -> str | None:
@@ -166,7 +167,12 @@ class Case:
 
     @property
     def claim_ref(self) -> str | None:
-        return self.claim.key if self.claim else None
+        """The EHR's Claim; None while there is none (a draft of ours stands in for it)."""
+        return self.claim.key if self.claim and not self.draft else None
+
+    @property
+    def has_claim(self) -> bool:
+        return self.claim is not None and not self.draft
 
 
 def codings(concept: Any) -> Iterator[tuple[str | None, str]]:
@@ -667,15 +673,19 @@ class _Builder:
         problems: list[InputProblem] = []
         sessions = self.sessions(enc_key, encounter_date, zone, zone_label, problems)
         claim = self.pick_claim(enc_key)
+        # Every fact is read from the Claim as the EHR wrote it, never from our annotations on
+        # it; a draft of ours is no EHR claim at all.
+        draft = claim is not None and draft_identifier(claim.resource) is not None
+        view = Entry(ehr_view(claim.resource), claim.source, claim.full_url) if claim is not None and not draft else None
         enc_programs = self.encounter_programs(enc)
-        claim_programs = self.claim_programs(claim) if claim else frozenset()
+        claim_programs = self.claim_programs(view) if view else frozenset()
         if not sessions and not enc_programs and not claim_programs:
             return None
         patient = self._key_of(res.get("subject"), enc)
-        claim_lines = self.claim_lines(claim) if claim else ()
+        claim_lines = self.claim_lines(view) if view else ()
         counted = tuple(s for s in sessions if s.counts)
         first_date = min((s.service_date for s in counted if s.service_date), default=encounter_date)
-        cov_key, coverage, cov_context = self.coverage(claim, patient, first_date)
+        cov_key, coverage, cov_context = self.coverage(view, patient, first_date)
         payer, payer_name, policy = self.payer(coverage, cov_context)
         period = _object((coverage or {}).get("period"))
         cls = res.get("class")
@@ -684,7 +694,7 @@ class _Builder:
             if isinstance(cls, dict)
             else None
         )
-        bill_type, bill_type_source = self.bill_type(claim)
+        bill_type, bill_type_source = self.bill_type(view)
         qualifying = tuple(s for s in counted if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
         return Case(
             encounter=enc_key,
@@ -698,14 +708,14 @@ class _Builder:
             claim_programs=claim_programs,
             claim_lines=claim_lines,
             sessions=sessions,
-            services=self.services(enc_key, claim_lines, claim is not None, encounter_date, zone),
+            services=self.services(enc_key, claim_lines, view is not None, encounter_date, zone),
             payer=payer,
             payer_name=payer_name,
             payer_policy=policy,
             coverage=cov_key,
             coverage_status=str(coverage.get("status")) if coverage and coverage.get("status") else None,
             coverage_period=(_date_part(period.get("start")), _date_part(period.get("end"))),
-            diagnosis=self.diagnosis(claim, enc),
+            diagnosis=self.diagnosis(view, enc),
             bill_type=bill_type,
             bill_type_source=bill_type_source,
             documentation=self.documentation(enc_key, patient, qualifying or counted or sessions),
@@ -714,6 +724,7 @@ class _Builder:
             ),
             input_problems=tuple(problems),
             source=enc.source,
+            draft=draft,
         )
 
 

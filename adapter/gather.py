@@ -89,7 +89,30 @@ async def gather(client: FHIRClient, encounter_ids: Sequence[str], rules: RuleSe
             linked = [i for i in (_encounter_id(index, ref, claim) for ref in claim_encounter_references(claim.resource)) if i]
             if gathered.intersection(linked):
                 wanted.extend(i for i in linked if i not in wanted)
+    await _missing_payors(client, index)
     return index
+
+
+async def _missing_payors(client: FHIRClient, index: Index) -> None:
+    """The payor Organizations no search brought: those of a Coverage contained in its Claim
+    (Cigna sends them so), which `_include=Coverage:payor` cannot reach."""
+    wanted: set[str] = set()
+    for claim in index.of_type("Claim"):
+        for contained in claim.resource.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("resourceType") == "Coverage":
+                for ref in contained.get("payor") or ():
+                    parts = split_reference(ref.get("reference", "")) if isinstance(ref, dict) else None
+                    if parts and parts[0] == "Organization" and index.resolve(ref, claim) is None:
+                        wanted.add(f"Organization/{parts[1]}")
+    if not wanted:
+        return
+    reads = sorted(wanted)
+    response = await client.batch(
+        {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": url}} for url in reads]}
+    )
+    for n, entry in enumerate(response.get("entry") or ()):
+        if isinstance(entry.get("resource"), dict) and str((entry.get("response") or {}).get("status", "")).startswith("2"):
+            _add(index, entry["resource"], f"{client.base_url}/{reads[n]}")
 
 
 async def _encounters(client: FHIRClient, index: Index, ids: Sequence[str], rules: RuleSet) -> None:

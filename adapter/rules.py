@@ -80,7 +80,7 @@ def _program(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list
     if len(case.encounter_programs) > 1 or len(case.claim_programs) > 1:
         return [Finding("PROGRAM", "review", "Both PHP and IOP are marked; a day belongs to one program.", subject)]
     missing.append("program")
-    if case.claim is not None:
+    if case.has_claim:
         return [
             Finding(
                 "PROGRAM", "error",
@@ -261,13 +261,13 @@ def _condition_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
     if program is None:
         return []
     code = next(c for c, p in rules.claim_condition_codes.items() if p == program)
-    if case.claim is None:
+    if case.claim_ref is None:
         return [Finding("CONDITION-CODE", "info", f"No claim yet; the draft claim carries condition code {code} ({program}).", case.encounter)]
     if not case.claim_programs:
-        return [Finding("CONDITION-CODE", "info", f"Condition code {code} ({program}) is absent; the annotated claim adds it.", case.claim.key)]
+        return [Finding("CONDITION-CODE", "info", f"Condition code {code} ({program}) is absent; the annotated claim adds it.", case.claim_ref)]
     if case.claim_programs != {program}:
         said = "/".join(sorted(case.claim_programs))
-        return [Finding("CONDITION-CODE", "review", f"The claim's condition code says {said} but the encounter is {program}.", case.claim.key)]
+        return [Finding("CONDITION-CODE", "review", f"The claim's condition code says {said} but the encounter is {program}.", case.claim_ref)]
     return []
 
 

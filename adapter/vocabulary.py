@@ -13,7 +13,9 @@ from typing import Any
 from .ruleset import RuleSet
 
 __all__ = [
+    "ADDED_EXTENSION",
     "ANNOTATED_TAG",
+    "CORRECTED_EXTENSION",
     "CANONICAL",
     "CLAIM_ENCOUNTER_EXTENSION",
     "DECISION_EXTENSION",
@@ -23,6 +25,7 @@ __all__ = [
     "TAG_SYSTEM",
     "claim_encounter_references",
     "draft_identifier",
+    "ehr_view",
     "is_candidate_claim",
     "meta_version",
     "versioned_reference",
@@ -38,6 +41,12 @@ LINE_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line"
 # Put on a G0129 line the EHR wrote that the decision does not support (no qualifying session
 # behind it, or a do-not-bill day): the line is kept for a person to act on, never deleted.
 LINE_FLAG_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line-flag"
+# On a supportingInfo we added (condition code, type of bill): valueReference, the encounter.
+ADDED_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-added"
+# On an EHR line whose revenue or units we corrected: what the EHR wrote, so the next decision
+# reads the Claim as the EHR wrote it (sub-extensions `revenue`, `quantity`; `absent` names a
+# field the EHR had left out).
+CORRECTED_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-corrected"
 TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
 ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
 DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
@@ -86,6 +95,48 @@ def is_candidate_claim(claim: Resource, rules: RuleSet) -> bool:
         isinstance(c, dict) and rules.system_key(c.get("system")) == "claim_type" and c.get("code") == "institutional"
         for c in codings or ()
     )
+
+
+def _marked(element: Any, url: str) -> bool:
+    return isinstance(element, dict) and any(isinstance(e, dict) and e.get("url") == url for e in element.get("extension") or ())
+
+
+def ehr_view(claim: Resource) -> Resource:
+    """The Claim as the EHR wrote it: our lines, our supportingInfo and our decision gone, the
+    values we corrected put back. Decisions are made from this view, so writing a decision
+    never changes the next one (annotating is idempotent, deciding on our own output is too)."""
+    out = dict(claim)
+    items = []
+    for item in claim.get("item") or ():
+        if _marked(item, LINE_EXTENSION):
+            continue
+        if isinstance(item, dict) and item.get("extension"):
+            item = dict(item)
+            for ext in item.get("extension") or ():
+                if isinstance(ext, dict) and ext.get("url") == CORRECTED_EXTENSION:
+                    for part in ext.get("extension") or ():
+                        if part.get("url") == "revenue":
+                            item["revenue"] = part.get("valueCodeableConcept")
+                        elif part.get("url") == "quantity":
+                            item["quantity"] = part.get("valueQuantity")
+                        elif part.get("url") == "absent":
+                            item.pop(str(part.get("valueCode")), None)
+            rest = [e for e in item["extension"] if not (isinstance(e, dict) and e.get("url") in (CORRECTED_EXTENSION, LINE_FLAG_EXTENSION))]
+            if rest:
+                item["extension"] = rest
+            else:
+                del item["extension"]
+        items.append(item)
+    if items:
+        out["item"] = items
+    else:
+        out.pop("item", None)
+    infos = [i for i in claim.get("supportingInfo") or () if not _marked(i, ADDED_EXTENSION)]
+    if infos:
+        out["supportingInfo"] = infos
+    else:
+        out.pop("supportingInfo", None)
+    return out
 
 
 def meta_version(resource: Resource | None) -> str | None:

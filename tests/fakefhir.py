@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -34,6 +35,18 @@ REFERENCE_PARAMS: dict[str, tuple[str, ...]] = {
     "practitioner": ("practitioner",),
     "payor": ("payor",),
 }
+
+
+def rewrite_references(value: Any, rewrites: dict[str, str]) -> Any:
+    """`value` with every Reference.reference found in `rewrites` replaced."""
+    if isinstance(value, dict):
+        out = {k: rewrite_references(v, rewrites) for k, v in value.items()}
+        if isinstance(out.get("reference"), str) and out["reference"] in rewrites:
+            out["reference"] = rewrites[out["reference"]]
+        return out
+    if isinstance(value, list):
+        return [rewrite_references(v, rewrites) for v in value]
+    return value
 
 
 def _values(resource: Any, path: str) -> Iterator[Any]:
@@ -92,6 +105,27 @@ class FakeFHIR:
     def load(self, *resources: Resource) -> None:
         for resource in resources:
             self.put(resource)
+
+    def load_file(self, path: Path) -> dict[str, str]:
+        """Store every resource of a fixture (a Bundle, a resource or NDJSON) as a FHIR server
+        does with a transaction: resources without an id get one, and references to a fullUrl
+        (`urn:uuid:`, or an absolute URL) become `Type/id`. Returns those rewrites."""
+        data = path.read_bytes()
+        values = [orjson.loads(line) for line in data.splitlines() if line.strip()] if path.suffix == ".ndjson" else [orjson.loads(data)]
+        entries: list[tuple[str | None, Resource]] = []
+        for value in values:
+            if value.get("resourceType") == "Bundle":
+                entries.extend((e.get("fullUrl"), e["resource"]) for e in value.get("entry", []) if "resource" in e)
+            else:
+                entries.append((None, value))
+        rewrites: dict[str, str] = {}
+        for full_url, resource in entries:
+            resource.setdefault("id", f"f{next(self._ids)}")
+            if full_url and not full_url.endswith(f"{resource['resourceType']}/{resource['id']}") or (full_url and "://" in full_url):
+                rewrites[full_url] = f"{resource['resourceType']}/{resource['id']}"
+        for _, resource in entries:
+            self.put(rewrite_references(resource, rewrites))
+        return rewrites
 
     def current(self, rtype: str, rid: str) -> Resource | None:
         history = self.store.get((rtype, rid))
@@ -167,7 +201,7 @@ class FakeFHIR:
                 if name.startswith("_") and name not in ("_id", "_lastUpdated", "_tag:not"):
                     continue
                 if name == "_id":
-                    ok = resource["id"] == value
+                    ok = resource["id"] in value.split(",")
                 elif name == "_lastUpdated":
                     ok = resource["meta"]["lastUpdated"] >= value.removeprefix("ge").replace("+00:00", "Z")
                 elif name == "_tag:not":
@@ -223,6 +257,10 @@ class FakeFHIR:
             for entry in bundle.get("entry", []):
                 url = entry["request"]["url"]
                 rtype, _, query = url.partition("?")
+                if "?" not in url and "/" in url:  # a read
+                    found = self.current(*url.split("/", 1))
+                    entries.append({"resource": found, "response": {"status": "200 OK"}} if found else {"response": {"status": "404 Not Found"}})
+                    continue
                 entries.append({"resource": self._search(rtype, parse_qsl(query)), "response": {"status": "200 OK"}})
             return self._json(200, {"resourceType": "Bundle", "type": "batch-response", "entry": entries})
         if self.before_transaction:

@@ -1,0 +1,135 @@
+"""Replay and the sidecar decide alike: same decisions, same Claim, one write per Claim.
+
+Every fixture is decided twice: by `g0129 replay` on the file, and by the worker after the
+same resources are stored in the in-memory FHIR server (through the client's transport seam),
+one notification per Encounter as an EHR would send them. The decisions must be equal, the
+Claim the worker leaves on the server must be the Claim the replay writes (less what a server
+adds: versions, server-assigned ids, resolved `urn:uuid` references), and each Claim that
+changes is written exactly once: a second notification for another day of the same Claim, or
+a replay of all of them, writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from adapter.fhir_client import FHIRClient
+from adapter.metrics import Metrics
+from adapter.queue import JobQueue
+from adapter.retry import RetryPolicy
+from adapter.ruleset import RuleSet
+from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM
+from adapter.worker import RESOURCE, Worker
+
+from .conftest import FIXTURES
+from .fakefhir import FakeFHIR, rewrite_references
+from .golden import claims_by_fixture
+
+BASE = "http://fhir.test/fhir"
+SCENARIOS = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".json", ".ndjson") and ".expected." not in p.name)
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def replayed() -> dict[Path, list[dict[str, Any]]]:
+    return claims_by_fixture()
+
+
+@pytest.fixture(scope="module")
+def replay_decisions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    from adapter.cli import main
+
+    out = tmp_path_factory.mktemp("replay")
+    main(["replay", str(FIXTURES), "--out", str(out)], stdout=io.StringIO(), stderr=io.StringIO())
+    return {d["encounter"]: d for d in map(orjson.loads, (out / "decisions.ndjson").read_bytes().splitlines())}
+
+
+def _transactions(fake: FakeFHIR) -> list[dict[str, Any]]:
+    bodies = [orjson.loads(r.content) for r in fake.requests if r.method == "POST" and r.content]
+    return [b for b in bodies if b.get("type") == "transaction"]
+
+
+def _comparable(claim: dict[str, Any]) -> dict[str, Any]:
+    """A Claim less what storing it on a server changes: versions, and a draft's server id."""
+    out = {k: v for k, v in claim.items() if k != "meta"}
+    meta = {k: v for k, v in (claim.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    if meta:
+        out["meta"] = meta
+    if any(i.get("system") == DRAFT_IDENTIFIER_SYSTEM for i in claim.get("identifier", [])):
+        out.pop("id", None)
+    return out
+
+
+@pytest.fixture
+def worker_for(tmp_path: Path, ruleset: RuleSet) -> Iterator[Any]:
+    made: list[tuple[Worker, FHIRClient, JobQueue]] = []
+
+    def make(fake: FakeFHIR) -> Worker:
+        queue = JobQueue(tmp_path / f"queue{len(made)}.sqlite3")
+        client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=2), sleep=_no_sleep, transport=httpx.MockTransport(fake))
+        worker = Worker(queue, client, ruleset, Metrics(queue.counts))
+        made.append((worker, client, queue))
+        return worker
+
+    yield make
+    for _, client, queue in made:
+        asyncio.run(client.aclose())
+        queue.close()
+
+
+@pytest.mark.parametrize("fixture", SCENARIOS, ids=lambda p: p.name.split(".")[0])
+def test_replay_and_the_worker_decide_and_write_alike(
+    fixture: Path, replayed: dict[Path, list[dict[str, Any]]], replay_decisions: dict[str, dict[str, Any]], worker_for: Any
+) -> None:
+    fake = FakeFHIR(BASE)
+    rewrites = fake.load_file(fixture)
+    worker = worker_for(fake)
+    encounters = sorted(r["id"] for r in fake.all("Encounter"))
+    for encounter_id in encounters:  # one notification per encounter, as the EHR sends them
+        worker.queue.enqueue(RESOURCE, "Encounter", encounter_id, "1", None, "test")
+    seen: dict[str, dict[str, Any]] = {}
+    while True:
+        job = worker.queue.claim_next(worker.clock())
+        if job is None:
+            break
+        for result in asyncio.run(worker.sync([job.resource_id])):
+            for decision in result.decisions:
+                seen[decision.encounter] = decision.to_json()
+        worker.queue.complete(job.id)
+
+    # The same decisions.
+    expected = {f"Encounter/{e}": replay_decisions[f"Encounter/{e}"] for e in encounters if f"Encounter/{e}" in replay_decisions}
+    assert set(seen) == set(expected)
+    for key, decision in seen.items():
+        assert decision == rewrite_references(expected[key], rewrites), key
+
+    # The same Claims, each written once.
+    want_claims = [_comparable(rewrite_references(c, rewrites)) for c in replayed.get(fixture.resolve(), [])]
+    changed = [c for c in want_claims if c.get("extension")]
+    written: dict[str, int] = {}
+    for bundle in _transactions(fake):
+        claim = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Claim")
+        key = claim.get("id") or next(i["value"] for i in claim["identifier"] if i["system"] == DRAFT_IDENTIFIER_SYSTEM)
+        written[key] = written.get(key, 0) + 1
+    assert all(n == 1 for n in written.values()), f"written more than once: {written}"
+    assert len(written) == len(changed)
+    annotated = [c for c in fake.all("Claim") if c.get("meta", {}).get("tag")]
+    assert sorted(orjson.dumps(_comparable(c), option=orjson.OPT_SORT_KEYS) for c in annotated) == sorted(
+        orjson.dumps(c, option=orjson.OPT_SORT_KEYS) for c in want_claims
+    )
+
+    # Deciding it all again writes nothing.
+    before = len(_transactions(fake))
+    asyncio.run(worker.sync(encounters))
+    assert len(_transactions(fake)) == before
