@@ -70,7 +70,10 @@ def evaluate(
     decisions: list[Decision] = []
     claims: dict[str, AnnotatedClaim] = {}
     errors: list[InputError] = []
-    for case in build_cases(index, rules, encounters):
+    # In date order, whatever order the inputs came in (a file, a server's search): the lines
+    # added to a Claim billing several days follow the days, on every path alike.
+    cases = sorted(build_cases(index, rules, encounters), key=lambda c: (c.encounter_date or "", c.encounter))
+    for case in cases:
         decision = decide(case, rules)
         decisions.append(decision)
         errors.extend(
