@@ -781,7 +781,7 @@ def _fold_overlaps(sessions: list[Session]) -> tuple[Session, ...]:
     for indices in members.values():
         if len(indices) < 2:
             continue
-        kept = max(indices, key=lambda n: (sessions[n].minutes or 0.0, [-ord(c) for c in sessions[n].start or ""], [-ord(c) for c in sessions[n].procedure]))
+        kept = min(indices, key=lambda n: (-(sessions[n].minutes or 0.0), sessions[n].start or "", sessions[n].procedure))
         others = tuple(sessions[n].procedure for n in indices if n != kept)
         out[kept] = replace(sessions[kept], taken_as_one=others)
         for n in indices:

@@ -121,7 +121,7 @@ class FakeFHIR:
         rewrites: dict[str, str] = {}
         for full_url, resource in entries:
             resource.setdefault("id", f"f{next(self._ids)}")
-            if full_url and not full_url.endswith(f"{resource['resourceType']}/{resource['id']}") or (full_url and "://" in full_url):
+            if full_url and full_url != f"{resource['resourceType']}/{resource['id']}":
                 rewrites[full_url] = f"{resource['resourceType']}/{resource['id']}"
         for _, resource in entries:
             self.put(rewrite_references(resource, rewrites))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -420,3 +422,74 @@ def test_missing_documentation_is_warned_element_by_element(ruleset: RuleSet) ->
     assert findings(d, "DOCUMENTATION") == [("warning", "Encounter/e1")]
     assert set(d.missing_data) == {"ot_evaluation", "measurable_goals", "coordination_notes", "skilled_activities", "progress"}
     assert d.outcome == "bill"
+
+
+# -- SERVICE-DATE, SESSION-OVERLAP, SESSION-STATUS ------------------------------------------------
+
+def _utc_evening(r: dict[str, dict[str, Any]]) -> None:
+    # 19:15-20:10 in New York on March 4th, stored in UTC: the next UTC day.
+    r["session"]["performedPeriod"] = {"start": "2025-03-05T00:15:00Z", "end": "2025-03-05T01:10:00Z"}
+    r["encounter"]["period"] = {"start": "2025-03-04T22:00:00Z", "end": "2025-03-05T02:00:00Z"}
+
+
+def test_a_utc_time_with_no_zone_to_read_it_in_is_review(ruleset: RuleSet) -> None:
+    r = php_day()
+    _utc_evening(r)
+    d = decision_of(r, ruleset)
+    assert findings(d, "SERVICE-DATE") == [("review", "Procedure/s1")] and "time_zone" in d.missing_data
+
+
+def test_a_utc_time_is_dated_in_the_site_time_zone(ruleset: RuleSet) -> None:
+    r = php_day()
+    _utc_evening(r)
+    d = decision_of(r, dataclasses.replace(ruleset, time_zone="America/New_York"))
+    assert [line.service_date for line in d.lines] == ["2025-03-04"]
+    assert findings(d, "SERVICE-DATE") == [("info", "Procedure/s1")]
+
+
+def test_a_utc_time_is_dated_in_the_offset_of_its_encounter(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["session"]["performedPeriod"] = {"start": "2025-03-05T00:15:00Z", "end": "2025-03-05T01:10:00Z"}
+    r["encounter"]["period"] = {"start": "2025-03-04T17:00:00-05:00"}
+    assert [line.service_date for line in decision_of(r, ruleset).lines] == ["2025-03-04"]
+
+
+def test_a_midday_utc_time_has_one_date_across_the_united_states(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["session"]["performedPeriod"] = {"start": "2025-03-04T15:00:00Z", "end": "2025-03-04T15:50:00Z"}
+    r["encounter"]["period"] = {"start": "2025-03-04T13:30:00Z"}
+    d = decision_of(r, ruleset)
+    assert findings(d, "SERVICE-DATE") == [] and [line.service_date for line in d.lines] == ["2025-03-04"]
+
+
+def test_the_same_session_recorded_twice_counts_once(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["charge"] = copy.deepcopy(r["session"]) | {"id": "s2"}
+    r["charge"]["performedPeriod"] = {"start": "2025-03-04T09:05:00-05:00", "end": "2025-03-04T09:45:00-05:00"}
+    d = decision_of(r, ruleset)
+    assert [(line.units, line.procedures) for line in d.lines] == [(1, ("Procedure/s1",))]
+    assert findings(d, "SESSION-OVERLAP") == [("warning", "Procedure/s1")]
+
+
+def test_two_sessions_by_one_performer_one_after_the_other_count_twice(ruleset: RuleSet) -> None:
+    r = php_day()
+    r["second"] = copy.deepcopy(r["session"]) | {"id": "s2"}
+    r["second"]["performedPeriod"] = {"start": "2025-03-04T09:50:00-05:00", "end": "2025-03-04T10:40:00-05:00"}
+    d = decision_of(r, ruleset)
+    assert [line.units for line in d.lines] == [2] and findings(d, "SESSION-OVERLAP") == []
+
+
+@pytest.mark.parametrize("status,outcome", [("in-progress", "review"), ("on-hold", "review"), ("unknown", "review"), ("stopped", "review")])
+def test_only_completed_sessions_count(ruleset: RuleSet, status: str, outcome: str) -> None:
+    r = php_day()
+    r["session"]["status"] = status
+    d = decision_of(r, ruleset)
+    assert d.outcome == outcome and d.lines == () and findings(d, "SESSION-STATUS") == [("review", "Procedure/s1")]
+    assert findings(d, "SESSION-LENGTH") == []
+
+
+def test_every_code_system_is_known_by_its_oid_too(ruleset: RuleSet) -> None:
+    # THO assigns no OID to these (NUBC type of bill, condition codes; CARIN BB): see systems.yaml.
+    without_oid = {"bill_type", "condition_code", "carin_supporting_info"}
+    for key in set(ruleset.canonical_systems) - without_oid:
+        assert any(uri.startswith("urn:oid:") and k == key for uri, k in ruleset.system_keys.items()), key
