@@ -406,6 +406,12 @@ def test_the_sidecar_writes_what_replay_writes_once_per_claim(adapter: tuple[Ada
         assert c["meta"]["versionId"] == "2", "one write for the Claim, whatever the number of days it bills"
         assert provenances(want.key) == 1
         assert _comparable(c) == _comparable(target), "the sidecar wrote another Claim than replay"
+        provenance = fhir.get("/Provenance", params={"target": want.key}).json()["entry"][0]["resource"]
+        assert provenance["target"] == [{"reference": f"{want.key}/_history/2"}]
+        assert all("/_history/" in e["what"]["reference"] for e in provenance["entity"])
+        assert {e["what"]["reference"] for e in provenance["entity"]} >= {f"{want.key}/_history/1"} | {
+            f"{case.encounter}/_history/1" for case in want.cases
+        }
     for case in (c for want in expected for c in want.cases):
         drafts = fhir.get("/Claim", params={"identifier": f"{DRAFT_IDENTIFIER_SYSTEM}|{case.encounter}"}).json()
         assert drafts.get("total", 0) == 0, "a draft beside the EHR's Claim"

@@ -39,6 +39,8 @@ public class FhirServletConfig {
 			SubscriptionTriggeringProvider subscriptionTriggeringProvider) {
 		// No narratives: keeps responses small and avoids Thymeleaf work on every write.
 		fhirContext.setNarrativeGenerator((INarrativeGenerator) null);
+		// Keep the versions the adapter's Provenance names (HAPI's parser strips them by default).
+		fhirContext.getParserOptions().setDontStripVersionsFromReferencesAtPaths("Provenance.target", "Provenance.entity.what");
 
 		RestfulServer server = new RestfulServer(fhirContext);
 		server.setDefaultResponseEncoding(EncodingEnum.JSON);

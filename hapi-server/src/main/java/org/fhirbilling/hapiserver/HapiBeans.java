@@ -56,6 +56,10 @@ public class HapiBeans {
 		// EHR data carries absolute references to the EHR's own server (corpus-notes.md,
 		// quirk 1); a test server standing in for that EHR must store them as they are.
 		settings.setAllowExternalReferences(true);
+		// The adapter's Provenance names the Claim version it wrote and the versions it read
+		// (version-specific references); HAPI strips versions from references unless told, and
+		// versions a reference to a resource created in the same transaction (our drafts).
+		settings.setAutoVersionReferenceAtPaths("Provenance.target", "Provenance.entity.what");
 		// Tests search right after they write: never hand back a cached result list.
 		settings.setReuseCachedSearchResultsForMillis(
 				props.getReuseCachedSearchResultsMs() > 0 ? props.getReuseCachedSearchResultsMs() : null);
