@@ -145,7 +145,8 @@ async def _patient_searches(client: FHIRClient, index: Index, patients: Sequence
         searches += [
             f"Coverage?beneficiary={pid}&_include=Coverage:payor&_count={PAGE}",
             f"Condition?patient={pid}&_count={PAGE}",
-            f"Claim?patient={pid}&_count={PAGE}",
+            # Newest first: the Claims of the service period lead the first page.
+            f"Claim?patient={pid}&_sort=-created&_count={PAGE}",
         ]
         searches += [f"{t}?patient={pid}&_count={PAGE}" for t in _documentation_types(rules, "patient")]
     batch = {

@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from adapter.ruleset import RuleSet, load_ruleset
+from adapter.service import create_app
+from adapter.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -13,3 +20,33 @@ FIXTURES = ROOT / "fixtures"
 @pytest.fixture(scope="session")
 def ruleset() -> RuleSet:
     return load_ruleset()
+
+
+# -- the sidecar through its ASGI seam (httpx.ASGITransport), no server, no socket -----------
+
+BASE = "http://fhir.test/fhir"
+TOKEN = "s3cret-webhook-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def settings(tmp_path: Path, **extra: str) -> Settings:
+    env = {"G0129_FHIR_BASE_URL": BASE, "G0129_WEBHOOK_TOKEN": TOKEN, "G0129_DATA_DIR": str(tmp_path / "data")}
+    env.update(extra)
+    return Settings.from_env(env)
+
+
+@asynccontextmanager
+async def service(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    app = create_app(settings(tmp_path, **extra), run_worker=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://adapter") as client:
+            yield client, app
+
+
+def serve(tmp_path: Path, test: Callable[[httpx.AsyncClient, Any], Awaitable[None]], **extra: str) -> None:
+    async def main() -> None:
+        async with service(tmp_path, **extra) as (client, app):
+            await test(client, app)
+
+    asyncio.run(main())

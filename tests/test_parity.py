@@ -29,7 +29,7 @@ from adapter.ruleset import RuleSet
 from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM
 from adapter.worker import RESOURCE, Worker
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, serve
 from .fakefhir import FakeFHIR, rewrite_references
 from .golden import claims_by_fixture
 
@@ -133,3 +133,26 @@ def test_replay_and_the_worker_decide_and_write_alike(
     before = len(_transactions(fake))
     asyncio.run(worker.sync(encounters))
     assert len(_transactions(fake)) == before
+
+
+def _as_bundle(fixture: Path) -> bytes:
+    """The fixture as one request body: an NDJSON export becomes a collection Bundle."""
+    if fixture.suffix != ".ndjson":
+        return fixture.read_bytes()
+    entries = [{"resource": orjson.loads(line)} for line in fixture.read_bytes().splitlines() if line.strip()]
+    return orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries})
+
+
+def test_evaluate_endpoint_decides_every_fixture_as_replay_does(
+    tmp_path: Path, replayed: dict[Path, list[dict[str, Any]]], replay_decisions: dict[str, dict[str, Any]]
+) -> None:
+    async def test(client: httpx.AsyncClient, app: Any) -> None:
+        for fixture in SCENARIOS:
+            r = await client.post("/$evaluate", content=_as_bundle(fixture))
+            assert r.status_code == 200, fixture.name
+            body = r.json()
+            for decision in body["decisions"]:
+                assert decision == replay_decisions[decision["encounter"]], fixture.name
+            assert body["claims"] == replayed.get(fixture.resolve(), []), fixture.name
+
+    serve(tmp_path, test)

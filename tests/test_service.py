@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +14,10 @@ from adapter.errors import UsageError
 from adapter.service import create_app
 from adapter.settings import Settings
 
-from .conftest import FIXTURES
+from .conftest import AUTH, BASE, FIXTURES, TOKEN, serve
 from .fakefhir import FakeFHIR
 
-BASE = "http://fhir.test/fhir"
-TOKEN = "s3cret-webhook-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD = FIXTURES / "01-medicare-php-hospital.json"
-
-
-def settings(tmp_path: Path, **extra: str) -> Settings:
-    env = {"G0129_FHIR_BASE_URL": BASE, "G0129_WEBHOOK_TOKEN": TOKEN, "G0129_DATA_DIR": str(tmp_path / "data")}
-    env.update(extra)
-    return Settings.from_env(env)
-
-
-@asynccontextmanager
-async def service(tmp_path: Path, **extra: str) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    app = create_app(settings(tmp_path, **extra), run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://adapter") as client:
-            yield client, app
-
-
-def serve(tmp_path: Path, test: Callable[[httpx.AsyncClient, Any], Awaitable[None]], **extra: str) -> None:
-    async def main() -> None:
-        async with service(tmp_path, **extra) as (client, app):
-            await test(client, app)
-
-    asyncio.run(main())
 
 
 @pytest.fixture
