@@ -7,6 +7,7 @@ live in YAML beside their sources, and this module turns them into lookups the p
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ __all__ = [
     "load_ruleset",
 ]
 
-DEFAULT_MAPPINGS_DIR = Path(__file__).resolve().parent.parent / "mappings"
+# The bundled tables ship inside the package, so a wheel or `pip install .` has them wherever it
+# runs; a site points G0129_MAPPINGS_DIR (or --mappings) at its own copy.
+DEFAULT_MAPPINGS_DIR = Path(str(resources.files("adapter") / "mappings"))
 
 Code = tuple[str, str]  # (system key or full URI, code)
 
@@ -158,7 +161,7 @@ def _ruleset_digest(directory: Path) -> str:
 
 
 def load_ruleset(directory: Path | None = None) -> RuleSet:
-    """Load every table under `directory` (default: the repository's `mappings/`)."""
+    """Load every table under `directory` (default: the tables bundled in the package)."""
     directory = Path(directory) if directory else DEFAULT_MAPPINGS_DIR
     if not directory.is_dir():
         raise MappingError(f"{directory}: mappings directory not found")

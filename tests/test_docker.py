@@ -231,7 +231,7 @@ def test_runs_as_a_fixed_non_root_user(dockerfile: list[tuple[str, str]]) -> Non
     assert [kw for kw, _ in dockerfile].index("USER") < [kw for kw, _ in dockerfile].index("CMD")
 
 
-def test_environment_points_at_the_copied_tables_and_the_volume(dockerfile: list[tuple[str, str]]) -> None:
+def test_environment_uses_the_packaged_tables_and_the_volume(dockerfile: list[tuple[str, str]]) -> None:
     env: dict[str, str] = {}
     for arguments in _all(dockerfile, "ENV"):
         env.update(_env_pairs(arguments))
@@ -239,8 +239,7 @@ def test_environment_points_at_the_copied_tables_and_the_volume(dockerfile: list
     for name in env:
         if name.startswith("G0129_"):
             assert name in known, f"{name} is not read by adapter/settings.py"
-    copies = {shlex.split(a)[-1].rstrip("/"): shlex.split(a)[:-1] for a in _all(dockerfile, "COPY")}
-    assert copies[env["G0129_MAPPINGS_DIR"]] == ["mappings/"]
+    assert "G0129_MAPPINGS_DIR" not in env, "the rule tables come inside the package"
     assert env["G0129_DATA_DIR"] == "/data"
     volumes = [v for a in _all(dockerfile, "VOLUME") for v in (json.loads(a) if a.startswith("[") else a.split())]
     assert "/data" in volumes
@@ -262,7 +261,7 @@ def test_every_copy_source_exists(dockerfile: list[tuple[str, str]]) -> None:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert source.rstrip("/") not in ignored, f"COPY {source}: excluded by .dockerignore"
     sources = {p.rstrip("/") for a in copies for p in shlex.split(a)[:-1]}
-    assert {"pyproject.toml", "README.md", "adapter", "mappings"} <= sources
+    assert {"pyproject.toml", "README.md", "adapter"} <= sources
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
