@@ -23,7 +23,6 @@ import orjson
 
 from .case import Case, codings
 from .decision import Decision, Line
-from .rules import G0129
 from .ruleset import RuleSet
 from .vocabulary import (
     ADDED_EXTENSION,
@@ -37,7 +36,6 @@ from .vocabulary import (
 )
 
 __all__ = ["annotate", "draft_claim", "draft_claim_id"]
-G0129_DISPLAY = "Occupational therapy services in a PHP or IOP, per session (45 minutes or more)"
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 Resource = dict[str, Any]
@@ -100,7 +98,7 @@ def _next_sequence(items: list[Any]) -> int:
 
 def _is_g0129_item(item: Any, rules: RuleSet) -> bool:
     return isinstance(item, dict) and any(
-        rules.system_key(s) == "hcpcs" and c == G0129 for s, c in codings(item.get("productOrService"))
+        (rules.system_key(s), c) == rules.billed_code for s, c in codings(item.get("productOrService"))
     )
 
 
@@ -156,7 +154,9 @@ def _put_line(claim: Resource, line: Line, encounter: str, rules: RuleSet) -> No
         "extension": [{"url": LINE_EXTENSION, "valueReference": {"reference": encounter}}],
         "sequence": _next_sequence(items),
         "revenue": _revenue(line.revenue_code, rules),
-        "productOrService": {"coding": [{"system": rules.system_uri("hcpcs"), "code": G0129, "display": G0129_DISPLAY}]},
+        "productOrService": {
+            "coding": [{"system": rules.system_uri(rules.billed_code[0]), "code": rules.billed_code[1], "display": rules.billed_display}]
+        },
     }
     if line.modifiers:
         new["modifier"] = [{"coding": [{"system": rules.system_uri("hcpcs"), "code": m}]} for m in line.modifiers]

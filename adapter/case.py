@@ -243,7 +243,6 @@ class _Builder:
     def __init__(self, index: Index, rules: RuleSet) -> None:
         self.index = index
         self.rules = rules
-        self.hcpcs_g0129: Code = ("hcpcs", "G0129")
         self._procedures_by_encounter: dict[str, list[Entry]] = {}
         self._claims_by_encounter: dict[str, list[Entry]] = {}
         self._by_patient: dict[tuple[str, str], list[Entry]] = {}
@@ -491,7 +490,7 @@ class _Builder:
             for line in claim_lines:
                 code = (line.system or "", line.code or "")
                 kind = self.rules.services.get(code)
-                if kind and code != self.hcpcs_g0129:
+                if kind and code != self.rules.billed_code:
                     out.append(Service(line.service_date or default_date, code, kind, line.quantity))
             return tuple(out)
         for proc in self._procedures_by_encounter.get(enc_key, ()):

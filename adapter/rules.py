@@ -15,14 +15,15 @@ from .case import Case, ClaimLine, Session
 from .decision import Decision, Finding, FlaggedLine, Line, outcome_of
 from .ruleset import RuleSet
 
-__all__ = ["RULES", "G0129", "Plan", "decide", "plan_lines"]
+__all__ = ["FINDING_KINDS", "RULES", "Plan", "decide", "plan_lines"]
 
-G0129 = "G0129"
-IOP_START = "2024-01-01"
-DEFAULT_REVENUE = "0430"
-_OT_REVENUE = re.compile(r"^043\d$")
-_MENTAL_HEALTH = re.compile(r"^F(0[1-9]|[1-9]\d)")
+# NUBC writes a type of bill as three digits (after its leading zero): a shape, not a billing fact.
 _TOB = re.compile(r"^\d{3}$")
+
+
+def _found(rules: RuleSet, rule: str, kind: str, message: str, subject: str) -> Finding:
+    """A finding of `kind`, with the severity the tables give it (rules.yaml `findings`)."""
+    return Finding(rule, rules.severity(rule, kind), message, subject)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +36,12 @@ class Plan:
     pending: tuple[Session, ...]  # not (yet) counted: a status a person must look at
 
 
-def _is_g0129(system: str | None, code: str | None) -> bool:
-    return system == "hcpcs" and code == G0129
+def _is_billed_code(rules: RuleSet, system: str | None, code: str | None) -> bool:
+    return (system, code) == rules.billed_code
+
+
+def _revenue_kept(rules: RuleSet, revenue: str | None) -> bool:
+    return bool(revenue) and len(revenue or "") == 4 and (revenue or "").startswith(rules.revenue_prefixes)
 
 
 def plan_lines(case: Case, rules: RuleSet) -> Plan:
@@ -50,15 +55,15 @@ def plan_lines(case: Case, rules: RuleSet) -> Plan:
             by_date[session.service_date].append(session)
     existing = {}
     for line in case.claim_lines:
-        if case.owns(line) and _is_g0129(line.system, line.code) and line.service_date and line.service_date not in existing:
+        if case.owns(line) and _is_billed_code(rules, line.system, line.code) and line.service_date and line.service_date not in existing:
             existing[line.service_date] = line
     lines = []
     for date in sorted(by_date):
         current = existing.get(date)
-        revenue = current.revenue if current and current.revenue and _OT_REVENUE.match(current.revenue) else DEFAULT_REVENUE
+        revenue = current.revenue if current and current.revenue and _revenue_kept(rules, current.revenue) else rules.revenue_default
         lines.append(
             Line(
-                code=G0129,
+                code=rules.billed_code[1],
                 units=len(by_date[date]),
                 service_date=date,
                 revenue_code=revenue,
@@ -78,18 +83,18 @@ def _program(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list
         return []
     subject = case.claim_ref or case.encounter
     if len(case.encounter_programs) > 1 or len(case.claim_programs) > 1:
-        return [Finding("PROGRAM", "review", "Both PHP and IOP are marked; a day belongs to one program.", subject)]
+        return [_found(rules, "PROGRAM", "both_programs", "Both PHP and IOP are marked; a day belongs to one program.", subject)]
     missing.append("program")
     if case.has_claim:
         return [
-            Finding(
-                "PROGRAM", "error",
+            _found(
+                rules, "PROGRAM", "claim_without_program",
                 "The claim carries neither condition code 41 (PHP) nor 92 (IOP) and nothing marks a "
                 "PHP/IOP program: G0129 is billable only inside one.",
                 subject,
             )
         ]
-    return [Finding("PROGRAM", "review", "Nothing marks a PHP or IOP program and there is no claim yet.", subject)]
+    return [_found(rules, "PROGRAM", "no_claim_no_program", "Nothing marks a PHP or IOP program and there is no claim yet.", subject)]
 
 
 def _iop_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
@@ -98,11 +103,11 @@ def _iop_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> lis
     dates = {s.service_date for s in case.sessions if s.service_date}
     if not dates and case.encounter_date:
         dates = {case.encounter_date}
-    early = sorted(d for d in dates if d < IOP_START)
+    early = sorted(d for d in dates if d < rules.iop_start)
     if not early:
         return []
     return [
-        Finding("IOP-DATE", "error", f"IOP service on {d}: G0129 is an IOP service only from {IOP_START}.", case.encounter)
+        _found(rules, "IOP-DATE", "before_start", f"IOP service on {d}: G0129 is an IOP service only from {rules.iop_start}.", case.encounter)
         for d in early
     ]
 
@@ -114,14 +119,14 @@ def _session_status(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
             message = f"Session status is {s.status}: not counted until it is completed."
         else:
             message = f"Session status {s.status!r} is not a Procedure.status code (an input error): not counted."
-        findings.append(Finding("SESSION-STATUS", "review", message, s.procedure))
+        findings.append(_found(rules, "SESSION-STATUS", "not_completed" if s.status_class == "review" else "invalid_status", message, s.procedure))
     return findings
 
 
 def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     findings = [
-        Finding(
-            "SESSION-LENGTH", "warning",
+        _found(
+            rules, "SESSION-LENGTH", "short_session",
             f"Session lasted {s.minutes:.0f} minutes, under {rules.minimum_minutes}: not counted.",
             s.procedure,
         )
@@ -129,10 +134,10 @@ def _session_length(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
         if s.counts and s.minutes is not None and s.minutes < rules.minimum_minutes
     ]
     if not case.sessions:
-        findings.append(Finding("SESSION-LENGTH", "error", "No OT session is recorded for this encounter.", case.encounter))
+        findings.append(_found(rules, "SESSION-LENGTH", "no_session", "No OT session is recorded for this encounter.", case.encounter))
     elif not plan.qualifying and not plan.unknown_length and not plan.pending:
         findings.append(
-            Finding("SESSION-LENGTH", "error", f"No OT session lasted {rules.minimum_minutes} minutes or more.", case.encounter)
+            _found(rules, "SESSION-LENGTH", "none_qualifies", f"No OT session lasted {rules.minimum_minutes} minutes or more.", case.encounter)
         )
     return findings
 
@@ -146,16 +151,16 @@ def _session_times(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
             missing.append(f"session_times:{s.procedure}")
             elements = ", ".join(s.invalid_times)
             findings.append(
-                Finding("SESSION-TIMES", "review", f"{elements} is not a valid FHIR dateTime (an input error): the session is not counted.", s.procedure)
+                _found(rules, "SESSION-TIMES", "invalid_time", f"{elements} is not a valid FHIR dateTime (an input error): the session is not counted.", s.procedure)
             )
         elif s.start is None or s.end is None:
             absent = " and ".join(n for n, v in (("start", s.start), ("end", s.end)) if v is None)
             missing.append(f"session_times:{s.procedure}")
             findings.append(
-                Finding("SESSION-TIMES", "review", f"Session has no {absent} time: its length is unknown, so it is not counted.", s.procedure)
+                _found(rules, "SESSION-TIMES", "missing_time", f"Session has no {absent} time: its length is unknown, so it is not counted.", s.procedure)
             )
         elif s.minutes is not None and s.minutes <= 0:
-            findings.append(Finding("SESSION-TIMES", "review", "Session ends before it starts.", s.procedure))
+            findings.append(_found(rules, "SESSION-TIMES", "ends_before_start", "Session ends before it starts.", s.procedure))
     return findings
 
 
@@ -167,8 +172,8 @@ def _service_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
         if s.date_uncertain:
             missing.append("time_zone")
             findings.append(
-                Finding(
-                    "SERVICE-DATE", "review",
+                _found(
+                    rules, "SERVICE-DATE", "uncertain_date",
                     f"Session start {s.start} is in UTC and neither its Encounter nor the site (site.yaml time_zone) "
                     f"says where it was given: its local date may not be {s.service_date}.",
                     s.procedure,
@@ -176,15 +181,15 @@ def _service_date(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
             )
         elif s.date_read_in:
             findings.append(
-                Finding("SERVICE-DATE", "info", f"Session start {s.start} (UTC) read in {s.date_read_in}: service date {s.service_date}.", s.procedure)
+                _found(rules, "SERVICE-DATE", "converted", f"Session start {s.start} (UTC) read in {s.date_read_in}: service date {s.service_date}.", s.procedure)
             )
     return findings
 
 
 def _session_overlap(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     return [
-        Finding(
-            "SESSION-OVERLAP", "warning",
+        _found(
+            rules, "SESSION-OVERLAP", "same_session",
             f"{', '.join((s.procedure,) + s.taken_as_one)} record the same session (same performer, overlapping times): "
             f"counted once, as {s.procedure}.",
             s.procedure,
@@ -202,24 +207,24 @@ def _performer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> li
             continue
         if "OTA" in disciplines:
             findings.append(
-                Finding("PERFORMER", "review", "Furnished by an OT assistant with no supervising OT recorded on the session.", s.procedure)
+                _found(rules, "PERFORMER", "ota_without_supervisor", "Furnished by an OT assistant with no supervising OT recorded on the session.", s.procedure)
             )
         elif disciplines and all(d == "other" for d in disciplines):
             taxonomies = ", ".join(sorted({p.taxonomy or "" for p in s.performers}))
             findings.append(
-                Finding("PERFORMER", "error", f"Furnished by another discipline (NUCC {taxonomies}), not an OT or supervised OTA.", s.procedure)
+                _found(rules, "PERFORMER", "other_discipline", f"Furnished by another discipline (NUCC {taxonomies}), not an OT or supervised OTA.", s.procedure)
             )
         else:
             missing.append(f"performer_qualification:{s.procedure}")
             findings.append(
-                Finding("PERFORMER", "review", "The performer's qualification (OT or OTA) is not recorded.", s.procedure)
+                _found(rules, "PERFORMER", "unknown_qualification", "The performer's qualification (OT or OTA) is not recorded.", s.procedure)
             )
     return findings
 
 
 def _remote(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
-    if case.encounter_class == "VR":
-        return [Finding("REMOTE", "error", "Delivered remotely (Encounter.class VR); PHP/IOP services are in person.", case.encounter)]
+    if case.encounter_class and ("act_code", case.encounter_class) in rules.remote_classes:
+        return [_found(rules, "REMOTE", "remote", f"Delivered remotely (Encounter.class {case.encounter_class}); PHP/IOP services are in person.", case.encounter)]
     return []
 
 
@@ -228,13 +233,13 @@ def _diagnosis(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> li
     subject = case.claim_ref or case.encounter
     if dx is None:
         missing.append("principal_diagnosis")
-        return [Finding("DIAGNOSIS", "review", "No principal diagnosis is recorded.", subject)]
-    if dx.system != "icd10cm":
-        return [Finding("DIAGNOSIS", "review", f"Principal diagnosis {dx.code} is not coded in ICD-10-CM.", subject)]
-    if _MENTAL_HEALTH.match(dx.code.replace(".", "").upper()):
+        return [_found(rules, "DIAGNOSIS", "none", "No principal diagnosis is recorded.", subject)]
+    if dx.system != rules.diagnosis_system:
+        return [_found(rules, "DIAGNOSIS", "not_icd10cm", f"Principal diagnosis {dx.code} is not coded in ICD-10-CM.", subject)]
+    if rules.is_mental_health(dx.code):
         return []
     return [
-        Finding("DIAGNOSIS", "error", f"Principal diagnosis {dx.code} ({dx.source}) is not a mental/behavioral diagnosis (F01-F99).", subject)
+        _found(rules, "DIAGNOSIS", "not_mental_health", f"Principal diagnosis {dx.code} ({dx.source}) is not a mental/behavioral diagnosis ({', '.join(f'{a}-{b}' for a, b in rules.mental_health_ranges)}).", subject)
     ]
 
 
@@ -243,16 +248,16 @@ def _bill_type(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> li
     tob = case.bill_type
     if tob is None:
         missing.append("type_of_bill")
-        return [Finding("BILL-TYPE", "review", "No type of bill is recorded.", subject)]
+        return [_found(rules, "BILL-TYPE", "absent", "No type of bill is recorded.", subject)]
     if not _TOB.match(tob):
-        return [Finding("BILL-TYPE", "review", f"Type of bill {tob!r} is not a valid NUBC type of bill.", subject)]
+        return [_found(rules, "BILL-TYPE", "invalid", f"Type of bill {tob!r} is not a valid NUBC type of bill.", subject)]
     prefix = tob[:2]
     if prefix in rules.bill_types_never:
-        return [Finding("BILL-TYPE", "error", f"Type of bill {tob} ({prefix}X) is never processed for PHP/IOP.", subject)]
+        return [_found(rules, "BILL-TYPE", "never", f"Type of bill {tob} ({prefix}X) is never processed for PHP/IOP.", subject)]
     allowed = rules.bill_types_allowed.get(case.program or "", frozenset().union(*rules.bill_types_allowed.values()))
     if prefix not in allowed:
         kinds = ", ".join(f"{p}X" for p in sorted(allowed))
-        return [Finding("BILL-TYPE", "error", f"Type of bill {tob} does not fit {case.program or 'PHP/IOP'} ({kinds}).", subject)]
+        return [_found(rules, "BILL-TYPE", "wrong_for_program", f"Type of bill {tob} does not fit {case.program or 'PHP/IOP'} ({kinds}).", subject)]
     return []
 
 
@@ -262,35 +267,35 @@ def _condition_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) 
         return []
     code = next(c for c, p in rules.claim_condition_codes.items() if p == program)
     if case.claim_ref is None:
-        return [Finding("CONDITION-CODE", "info", f"No claim yet; the draft claim carries condition code {code} ({program}).", case.encounter)]
+        return [_found(rules, "CONDITION-CODE", "no_claim", f"No claim yet; the draft claim carries condition code {code} ({program}).", case.encounter)]
     if not case.claim_programs:
-        return [Finding("CONDITION-CODE", "info", f"Condition code {code} ({program}) is absent; the annotated claim adds it.", case.claim_ref)]
+        return [_found(rules, "CONDITION-CODE", "absent", f"Condition code {code} ({program}) is absent; the annotated claim adds it.", case.claim_ref)]
     if case.claim_programs != {program}:
         said = "/".join(sorted(case.claim_programs))
-        return [Finding("CONDITION-CODE", "review", f"The claim's condition code says {said} but the encounter is {program}.", case.claim_ref)]
+        return [_found(rules, "CONDITION-CODE", "contradicts", f"The claim's condition code says {said} but the encounter is {program}.", case.claim_ref)]
     return []
 
 
 def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     return [
-        Finding(
-            "REVENUE-CODE", "warning",
-            f"G0129 line {line.sequence or line.index + 1} has revenue code {line.revenue or 'none'}, not 043X; "
-            f"the annotated claim uses {DEFAULT_REVENUE}.",
+        _found(
+            rules, "REVENUE-CODE", "wrong_revenue",
+            f"G0129 line {line.sequence or line.index + 1} has revenue code {line.revenue or 'none'}, not "
+            f"{'/'.join(p + 'X' for p in rules.revenue_prefixes)}; the annotated claim uses {rules.revenue_default}.",
             f"{case.claim_ref}#item[{line.index}]",
         )
         for line in case.claim_lines
-        if case.owns(line) and not line.ours and _is_g0129(line.system, line.code) and not (line.revenue and _OT_REVENUE.match(line.revenue))
+        if case.owns(line) and not line.ours and _is_billed_code(rules, line.system, line.code) and not _revenue_kept(rules, line.revenue)
     ]
 
 
-def _ehr_g0129_lines(case: Case, plan: Plan) -> Iterator[tuple[ClaimLine, Line | None]]:
+def _ehr_g0129_lines(case: Case, plan: Plan, rules: RuleSet) -> Iterator[tuple[ClaimLine, Line | None]]:
     """The EHR's G0129 lines of this encounter, each with the planned line it stands for (None:
     no qualifying session behind it, or a second line for a date already billed)."""
     planned = {line.service_date: line for line in plan.lines}
     seen: set[str] = set()
     for line in case.claim_lines:
-        if not case.owns(line) or line.ours or not _is_g0129(line.system, line.code):
+        if not case.owns(line) or line.ours or not _is_billed_code(rules, line.system, line.code):
             continue  # our own lines follow the decision, see annotate
         date = line.service_date or ""
         yield line, None if date in seen else planned.get(date)
@@ -299,32 +304,32 @@ def _ehr_g0129_lines(case: Case, plan: Plan) -> Iterator[tuple[ClaimLine, Line |
 
 def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     findings = [
-        Finding("CLAIM-LINES", "review", "The line carries a modifierExtension the adapter does not understand.", f"{case.claim_ref}#item[{line.index}]")
+        _found(rules, "CLAIM-LINES", "unknown_modifier_extension", "The line carries a modifierExtension the adapter does not understand.", f"{case.claim_ref}#item[{line.index}]")
         for line in case.claim_lines
         if case.owns(line) and not line.ours and line.has_modifier_extension
     ]
-    for line, target in _ehr_g0129_lines(case, plan):
+    for line, target in _ehr_g0129_lines(case, plan, rules):
         subject = f"{case.claim_ref}#item[{line.index}]"
         date = line.service_date
         if target is None:
             findings.append(
-                Finding("CLAIM-LINES", "warning", f"G0129 line on {date or 'no date'} has no qualifying session behind it; kept and flagged, not deleted.", subject)
+                _found(rules, "CLAIM-LINES", "unsupported_line", f"G0129 line on {date or 'no date'} has no qualifying session behind it; kept and flagged, not deleted.", subject)
             )
         elif line.quantity != target.units:
             findings.append(
-                Finding("CLAIM-LINES", "warning", f"G0129 line on {date} has {line.quantity:g} units; the qualifying sessions make {target.units}.", subject)
+                _found(rules, "CLAIM-LINES", "units_differ", f"G0129 line on {date} has {line.quantity:g} units; the qualifying sessions make {target.units}.", subject)
             )
     return findings
 
 
-def _flagged_lines(case: Case, plan: Plan, outcome: str) -> tuple[FlaggedLine, ...]:
+def _flagged_lines(case: Case, plan: Plan, outcome: str, rules: RuleSet) -> tuple[FlaggedLine, ...]:
     """The EHR's lines to flag: on a do-not-bill day all of them, on a bill day the unsupported
     ones. A review leaves Claim.item as the EHR wrote it."""
     if outcome == "review":
         return ()
     return tuple(
         FlaggedLine(line.sequence, line.index, line.service_date, "do-not-bill" if outcome == "do-not-bill" else "unsupported")
-        for line, target in _ehr_g0129_lines(case, plan)
+        for line, target in _ehr_g0129_lines(case, plan, rules)
         if outcome == "do-not-bill" or target is None
     )
 
@@ -341,21 +346,21 @@ def _day_services(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
     findings = []
     for date, services in sorted(_day_units(case, plan).items()):
         count = sum(units for _, units in services)
-        if count < 3:
+        if count < rules.day_minimum:
             findings.append(
-                Finding("DAY-SERVICES", "warning", f"{count:g} PHP/IOP service(s) on {date}: fewer than 3, no per diem for the day.", case.encounter)
+                _found(rules, "DAY-SERVICES", "under_minimum", f"{count:g} PHP/IOP service(s) on {date}: fewer than {rules.day_minimum}, no per diem for the day.", case.encounter)
             )
         else:
-            tier = "4+" if count >= 4 else "3"
-            findings.append(Finding("DAY-SERVICES", "info", f"{count:g} PHP/IOP services on {date}: tier {tier}.", case.encounter))
+            tier = f"{rules.day_higher}+" if count >= rules.day_higher else str(rules.day_minimum)
+            findings.append(_found(rules, "DAY-SERVICES", "tier", f"{count:g} PHP/IOP services on {date}: tier {tier}.", case.encounter))
     return findings
 
 
 def _ot_only_day(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     return [
-        Finding("OT-ONLY-DAY", "warning", f"Only OT and/or activity therapy on {date}: not a PHP/IOP day on its own.", case.encounter)
+        _found(rules, "OT-ONLY-DAY", "ot_only", f"Only OT and/or activity therapy on {date}: not a PHP/IOP day on its own.", case.encounter)
         for date, services in sorted(_day_units(case, plan).items())
-        if all(kind in ("ot", "activity") for kind, _ in services)
+        if all(kind in rules.ot_only_kinds for kind, _ in services)
     ]
 
 
@@ -363,14 +368,14 @@ def _coverage(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> lis
     if case.coverage is None:
         return []  # PAYER says the payer is not identified
     if case.coverage_status != "active":
-        return [Finding("COVERAGE", "review", f"The Coverage's status is {case.coverage_status or 'not recorded'}, not active.", case.coverage)]
+        return [_found(rules, "COVERAGE", "not_active", f"The Coverage's status is {case.coverage_status or 'not recorded'}, not active.", case.coverage)]
     dates = sorted({line.service_date for line in plan.lines} or case.service_dates)
     start, end = case.coverage_period
     findings = []
     if start and dates and dates[0] < start:
-        findings.append(Finding("COVERAGE", "review", f"The Coverage starts on {start}, after the service on {dates[0]}.", case.coverage))
+        findings.append(_found(rules, "COVERAGE", "outside_period", f"The Coverage starts on {start}, after the service on {dates[0]}.", case.coverage))
     if end and dates and dates[-1] > end:
-        findings.append(Finding("COVERAGE", "review", f"The Coverage ended on {end}, before the service on {dates[-1]}.", case.coverage))
+        findings.append(_found(rules, "COVERAGE", "outside_period", f"The Coverage ended on {end}, before the service on {dates[-1]}.", case.coverage))
     return findings
 
 
@@ -379,15 +384,15 @@ def _payer(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[F
     if case.payer_policy is None:
         missing.append("payer")
         who = f"Payer {case.payer_name!r}" if case.payer_name else "The payer"
-        return [Finding("PAYER", "review", f"{who} is not identified: payer policy data not available.", subject)]
+        return [_found(rules, "PAYER", "not_identified", f"{who} is not identified: payer policy data not available.", subject)]
     if case.program is None:
         return []
-    accepts, source = case.payer_policy.programs.get(case.program, (None, ""))
+    accepts, source, _ = case.payer_policy.programs.get(case.program, (None, "", ""))
     name = case.payer_policy.name
     if accepts is None:
-        return [Finding("PAYER", "review", f"{name}: payer policy data not available for G0129 in {case.program}.", subject)]
+        return [_found(rules, "PAYER", "no_policy", f"{name}: payer policy data not available for G0129 in {case.program}.", subject)]
     if accepts is False:
-        return [Finding("PAYER", "error", f"{name} does not accept G0129 for {case.program} ({source}).", subject)]
+        return [_found(rules, "PAYER", "refuses", f"{name} does not accept G0129 for {case.program} ({source}).", subject)]
     return []
 
 
@@ -397,7 +402,7 @@ def _documentation(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
         return []
     missing.extend(el.key for el in absent)
     labels = ", ".join(el.label for el in absent)
-    return [Finding("DOCUMENTATION", "warning", f"Documentation not found: {labels}.", case.encounter)]
+    return [_found(rules, "DOCUMENTATION", "missing", f"Documentation not found: {labels}.", case.encounter)]
 
 
 RULES: dict[str, Rule] = {
@@ -420,6 +425,30 @@ RULES: dict[str, Rule] = {
     "COVERAGE": _coverage,
     "PAYER": _payer,
     "DOCUMENTATION": _documentation,
+}
+
+# The kinds of finding each rule gives; rules.yaml gives each its severity, and loading the
+# tables checks the two agree (a kind missing there or unknown here is a table error).
+FINDING_KINDS: dict[str, tuple[str, ...]] = {
+    "PROGRAM": ("both_programs", "claim_without_program", "no_claim_no_program"),
+    "IOP-DATE": ("before_start",),
+    "SESSION-STATUS": ("not_completed", "invalid_status"),
+    "SESSION-LENGTH": ("short_session", "no_session", "none_qualifies"),
+    "SESSION-TIMES": ("missing_time", "invalid_time", "ends_before_start"),
+    "SERVICE-DATE": ("uncertain_date", "converted"),
+    "SESSION-OVERLAP": ("same_session",),
+    "PERFORMER": ("other_discipline", "ota_without_supervisor", "unknown_qualification"),
+    "REMOTE": ("remote",),
+    "DIAGNOSIS": ("not_mental_health", "none", "not_icd10cm"),
+    "BILL-TYPE": ("never", "wrong_for_program", "absent", "invalid"),
+    "CONDITION-CODE": ("contradicts", "absent", "no_claim"),
+    "REVENUE-CODE": ("wrong_revenue",),
+    "CLAIM-LINES": ("unsupported_line", "units_differ", "unknown_modifier_extension"),
+    "DAY-SERVICES": ("under_minimum", "tier"),
+    "OT-ONLY-DAY": ("ot_only",),
+    "COVERAGE": ("not_active", "outside_period"),
+    "PAYER": ("not_identified", "no_policy", "refuses"),
+    "DOCUMENTATION": ("missing",),
 }
 
 
@@ -445,5 +474,5 @@ def decide(case: Case, rules: RuleSet) -> Decision:
         missing_data=tuple(dict.fromkeys(missing)),
         rules_passed=tuple(passed),
         ruleset_version=rules.version,
-        flagged_lines=_flagged_lines(case, plan, outcome),
+        flagged_lines=_flagged_lines(case, plan, outcome, rules),
     )

@@ -1,20 +1,28 @@
-"""The rule tables in `mappings/`, loaded once into plain, immutable data.
+"""The rule tables in `mappings/`, checked and loaded once into plain, immutable data.
 
-Code never hard-codes a billing fact: the codes, value sets, payer policies and rule sources
-live in YAML beside their sources, and this module turns them into lookups the pure rules use.
+Code never hard-codes a billing fact: the codes, value sets, thresholds, severities, payer
+policies and rule sources live in YAML beside their sources (adapter/tables.py is their schema),
+and this module turns them into lookups the pure rules use.
+
+A site's copy of the tables may hold only what it changes: a table file it does not have, a
+top-level key it leaves out, or a rule it does not list comes from the bundled tables, so a copy
+made for an earlier release still loads and a rule is never dropped in silence.
+`g0129 rules check` lists every problem of a copy, `g0129 rules diff` what it changes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
+import string
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from . import tables as t
 from .errors import MappingError
 
 __all__ = [
@@ -24,6 +32,8 @@ __all__ = [
     "PayerPolicy",
     "RuleInfo",
     "RuleSet",
+    "check_tables",
+    "diff_tables",
     "load_ruleset",
 ]
 
@@ -37,10 +47,11 @@ Code = tuple[str, str]  # (system key or full URI, code)
 @dataclass(frozen=True, slots=True)
 class RuleInfo:
     id: str
-    checks: str
-    when_violated: str
+    checks: str  # with the tables' parameters filled in
+    when_violated: str  # made from `severities`
     source: str
     status: str
+    severities: dict[str, str]  # finding kind -> error | review | warning | info
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +63,8 @@ class PayerPolicy:
     names: tuple[str, ...]
     identifiers: frozenset[str]
     states: frozenset[str]  # with names: the plan's state(s); empty = the name alone identifies it
-    # program -> (accepts: True | False | None for unknown, source)
-    programs: dict[str, tuple[bool | None, str]]
+    # program -> (accepts: True | False | None for unknown, source, status)
+    programs: dict[str, tuple[bool | None, str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +98,17 @@ class RuleSet:
     review_session_statuses: frozenset[str]
     excluded_session_statuses: frozenset[str]
     minimum_minutes: int
+    iop_start: str  # ISO date
+    remote_classes: frozenset[Code]
+    billed_code: Code  # (system key, code) of the line we bill: hcpcs G0129
+    billed_display: str
+    revenue_default: str
+    revenue_prefixes: tuple[str, ...]
+    diagnosis_system: str
+    mental_health_ranges: tuple[tuple[str, str], ...]
+    day_minimum: int
+    day_higher: int
+    ot_only_kinds: frozenset[str]
     performer_system: str
     ot_prefixes: tuple[str, ...]
     ota_prefixes: tuple[str, ...]
@@ -123,187 +145,374 @@ class RuleSet:
                 return info
         raise KeyError(rule_id)
 
+    def severity(self, rule_id: str, kind: str) -> str:
+        """The severity the tables give a kind of finding of a rule."""
+        return self.rule(rule_id).severities[kind]
 
-def _read_yaml(path: Path) -> Any:
+    def is_mental_health(self, code: str) -> bool:
+        bare = code.replace(".", "").upper()
+        return any(start <= bare[: len(start)] and bare[: len(end)] <= end for start, end in self.mental_health_ranges)
+
+
+# -- reading a tables directory, with the bundled tables beneath it ----------------------------
+
+
+def _raw(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
             return yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise MappingError(f"{path}: mapping table not found") from None
     except yaml.YAMLError as exc:
-        raise MappingError(f"{path}: not valid YAML ({exc})") from None
+        raise t.TableProblem(path, [f"not valid YAML ({exc})"]) from None
+    except OSError as exc:
+        raise t.TableProblem(path, [f"cannot be read ({exc.strerror})"]) from None
 
 
-def _require(table: Any, key: str, path: Path) -> Any:
-    if not isinstance(table, dict) or key not in table:
-        raise MappingError(f"{path}: missing key {key!r}")
-    return table[key]
+def _overlay(bundled: Any, site: Any, name: str) -> Any:
+    """The site's table over the bundled one: top-level keys, and for rules.yaml rule by rule."""
+    if not isinstance(bundled, dict) or not isinstance(site, dict):
+        return site
+    merged = {**bundled, **site}
+    if name == "rules.yaml" and isinstance(site.get("rules"), list) and isinstance(bundled.get("rules"), list):
+        theirs = {r.get("id"): r for r in site["rules"] if isinstance(r, dict)}
+        rules = [{**r, **theirs.pop(r.get("id"))} if r.get("id") in theirs else r for r in bundled["rules"]]
+        rules += [r for r in site["rules"] if not isinstance(r, dict) or r.get("id") in theirs]
+        merged["rules"] = rules
+    return merged
 
 
-def _codes(entries: Any, path: Path, system_keys: dict[str, str]) -> list[tuple[Code, dict[str, Any]]]:
-    if not isinstance(entries, list):
-        raise MappingError(f"{path}: expected a list of {{system, code}} entries")
-    out = []
-    for entry in entries:
-        if not isinstance(entry, dict) or "system" not in entry or "code" not in entry:
-            raise MappingError(f"{path}: every code entry needs 'system' and 'code': {entry!r}")
-        system = str(entry["system"])
-        out.append(((system_keys.get(system, system), str(entry["code"])), entry))
-    return out
+class _Reader:
+    """Reads each table of `directory` over the bundled one, collecting every problem."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.problems: list[str] = []
+        self.notes: list[str] = []  # what a site copy takes from the bundled tables
+
+    def table(self, name: str, schema: type[Any]) -> Any:
+        site_path = self.directory / name
+        bundled_path = DEFAULT_MAPPINGS_DIR / name
+        try:
+            bundled = _raw(bundled_path) if bundled_path.is_file() else None
+            if site_path.is_file():
+                raw = _overlay(bundled, _raw(site_path), name) if site_path != bundled_path else bundled
+                where = site_path
+            elif bundled is not None:
+                if self.directory.resolve() != DEFAULT_MAPPINGS_DIR.resolve():
+                    self.notes.append(f"{site_path}: not in this copy; the bundled table applies")
+                raw, where = bundled, bundled_path
+            else:
+                raise t.TableProblem(site_path, ["table not found"])
+            return t.validate_table(raw, schema, where)
+        except t.TableProblem as exc:
+            self.problems.extend(exc.problems)
+            return None
+
+    def payers(self) -> list[t.PayerTable]:
+        files = {p.name: p for p in sorted((DEFAULT_MAPPINGS_DIR / "payers").glob("*.yaml"))}
+        files.update({p.name: p for p in sorted((self.directory / "payers").glob("*.yaml"))})
+        out = []
+        for name in sorted(files):
+            try:
+                out.append(t.validate_table(_raw(files[name]), t.PayerTable, files[name]))
+            except t.TableProblem as exc:
+                self.problems.extend(exc.problems)
+        keys = [p.key for p in out]
+        for key in sorted({k for k in keys if keys.count(k) > 1}):
+            self.problems.append(f"{self.directory / 'payers'}: payer key {key!r} is used by more than one file")
+        return out
 
 
-def _ruleset_digest(directory: Path) -> str:
+def _digest(directory: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*.yaml")):
-        digest.update(path.relative_to(directory).as_posix().encode())
-        digest.update(path.read_bytes())
+    for base in (DEFAULT_MAPPINGS_DIR, directory):
+        for path in sorted(base.rglob("*.yaml")):
+            digest.update(path.relative_to(base).as_posix().encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:8]
 
 
+def _codes(entries: list[t.CodeEntry], keys: dict[str, str]) -> list[Code]:
+    return [(keys.get(e.system, e.system), e.code) for e in entries]
+
+
+def _build(directory: Path) -> tuple[RuleSet | None, list[str], list[str]]:
+    """(the RuleSet, or None when a table is unusable; every problem; notes)."""
+    reader = _Reader(directory)
+    if not any(directory.rglob("*.yaml")):
+        # A copy may leave tables out, but one with none at all is a wrong path, not a choice.
+        return None, [f"{directory}: no rule tables found (*.yaml)"], []
+    systems = reader.table("systems.yaml", t.SystemsTable)
+    rules_doc = reader.table("rules.yaml", t.RulesTable)
+    programs = reader.table("programs.yaml", t.ProgramsTable)
+    ot = reader.table("ot_sessions.yaml", t.OtSessionsTable)
+    perf = reader.table("performers.yaml", t.PerformersTable)
+    bills = reader.table("bill_types.yaml", t.BillTypesTable)
+    services = reader.table("services.yaml", t.ServicesTable)
+    lines = reader.table("lines.yaml", t.LinesTable)
+    diagnoses = reader.table("diagnoses.yaml", t.DiagnosesTable)
+    documentation = reader.table("documentation.yaml", t.DocumentationTable)
+    markets = reader.table("markets.yaml", t.MarketsTable)
+    site = reader.table("site.yaml", t.SiteTable)
+    payers = reader.payers()
+    problems = reader.problems
+    if problems or None in (systems, rules_doc, programs, ot, perf, bills, services, lines, diagnoses, documentation, markets, site):
+        return None, problems, reader.notes
+
+    keys: dict[str, str] = {}
+    canonical: dict[str, str] = {}
+    for key, uris in systems.items():
+        canonical[key] = uris[0]
+        for uri in uris:
+            keys[uri] = key
+    for key in systems:
+        keys.setdefault(key, key)
+
+    where = directory
+    for zone in ([site.time_zone] if site.time_zone else []) + list(site.possible_time_zones):
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(f"{where / 'site.yaml'}: {zone!r} is not an IANA time zone (e.g. America/Chicago)")
+    statuses = [s for group in (ot.counted_statuses, ot.review_statuses, ot.excluded_statuses) for s in group]
+    for status in sorted({s for s in statuses if statuses.count(s) > 1}):
+        problems.append(f"{where / 'ot_sessions.yaml'}: status {status!r} is in more than one list")
+    if services.day_tiers.higher < services.day_tiers.minimum:
+        problems.append(f"{where / 'services.yaml'}: day_tiers.higher is below day_tiers.minimum")
+    for key in {lines.code.system, diagnoses.system, perf.system} - set(systems):
+        problems.append(f"{where}: system {key!r} is not a key of systems.yaml")
+
+    params = {
+        "minimum_minutes": ot.minimum_minutes,
+        "iop_start": programs.iop_start.isoformat(),
+        "remote_classes": "/".join(e.code for e in programs.remote_encounter_classes),
+        "revenue_default": lines.revenue_default,
+        "revenue_prefixes": "/".join(f"{p}X" for p in lines.revenue_prefixes),
+        "mental_health": ", ".join(f"{r.start}-{r.end}" for r in diagnoses.mental_health),
+        "day_minimum": services.day_tiers.minimum,
+        "day_higher": services.day_tiers.higher,
+        "ot_only_kinds": " and/or ".join(services.ot_only_kinds),
+        "bill_types_php": ", ".join(f"{p}X" for p in bills.allowed.get("PHP", [])),
+        "bill_types_iop": ", ".join(f"{p}X" for p in bills.allowed.get("IOP", [])),
+        "bill_types_never": "/".join(f"{p}X" for p in bills.never),
+    }
+    rules = _rules(rules_doc, params, where / "rules.yaml", problems)
+    if problems:
+        return None, problems, reader.notes
+
+    doc_elements = []
+    for key, element in documentation.elements.items():
+        evidence = []
+        for item in element.evidence:
+            if isinstance(item, t.SessionEvidence):
+                evidence.append(DocEvidence(kind="session", path=tuple(item.session.split("."))))
+            elif isinstance(item, t.ResourceEvidence):
+                evidence.append(DocEvidence("resource", (), item.resource, frozenset(_codes(item.codes, keys)), item.link))
+            else:
+                evidence.append(DocEvidence(kind="performers_credentialed"))
+        doc_elements.append(DocElement(key=key, label=element.label, evidence=tuple(evidence)))
+
+    billed = _codes([lines.code], keys)[0]
+    ruleset = RuleSet(
+        version=f"{rules_doc.version}+{_digest(directory)}",
+        rules=rules,
+        system_keys=keys,
+        canonical_systems=canonical,
+        claim_condition_codes=dict(programs.claim_condition_codes),
+        program_codings={code: e.program for code, e in zip(_codes(list(programs.encounter_codings), keys), programs.encounter_codings)},
+        ot_codes=frozenset(_codes(ot.codes, keys)),
+        counted_session_statuses=frozenset(ot.counted_statuses),
+        review_session_statuses=frozenset(ot.review_statuses),
+        excluded_session_statuses=frozenset(ot.excluded_statuses),
+        minimum_minutes=ot.minimum_minutes,
+        iop_start=programs.iop_start.isoformat(),
+        remote_classes=frozenset(_codes(programs.remote_encounter_classes, keys)),
+        billed_code=billed,
+        billed_display=lines.code.display or "",
+        revenue_default=lines.revenue_default,
+        revenue_prefixes=tuple(lines.revenue_prefixes),
+        diagnosis_system=keys.get(diagnoses.system, diagnoses.system),
+        mental_health_ranges=tuple((r.start.upper(), r.end.upper()) for r in diagnoses.mental_health),
+        day_minimum=services.day_tiers.minimum,
+        day_higher=services.day_tiers.higher,
+        ot_only_kinds=frozenset(services.ot_only_kinds),
+        performer_system=keys.get(perf.system, perf.system),
+        ot_prefixes=tuple(perf.ot_prefixes),
+        ota_prefixes=tuple(perf.ota_prefixes),
+        bill_types_allowed={k: frozenset(v) for k, v in bills.allowed.items()},
+        bill_types_never=frozenset(bills.never),
+        services={code: e.kind for code, e in zip(_codes(list(services.codes), keys), services.codes)},
+        payers=tuple(
+            PayerPolicy(
+                key=p.key,
+                name=p.name,
+                market=p.market,
+                sopt_codes=frozenset(p.match.sopt_codes),
+                names=tuple(n.lower() for n in p.match.names),
+                identifiers=frozenset(p.match.identifiers),
+                states=frozenset(st.upper() for st in p.match.states),
+                programs={prog: (e.accepts, e.source, e.status) for prog, e in p.policy.items()},
+            )
+            for p in payers
+        ),
+        sopt_markets=dict(markets.sopt_prefixes),
+        documentation=tuple(doc_elements),
+        time_zone=site.time_zone,
+        possible_time_zones=tuple(site.possible_time_zones),
+        source_dir=directory,
+    )
+    return ruleset, problems, reader.notes
+
+
+def _fill(text: str, params: dict[str, Any], where: str, problems: list[str]) -> str:
+    names = {name for _, name, _, _ in string.Formatter().parse(text) if name}
+    unknown = sorted(names - set(params))
+    if unknown:
+        problems.append(f"{where}: unknown parameter(s) {', '.join('{' + u + '}' for u in unknown)} (known: {', '.join(sorted(params))})")
+        return text
+    return text.format(**params)
+
+
+def _rules(doc: t.RulesTable, params: dict[str, Any], path: Path, problems: list[str]) -> tuple[RuleInfo, ...]:
+    # Imported here: the rules import this module for the RuleSet they read.
+    from .rules import FINDING_KINDS
+
+    ids = [r.id for r in doc.rules]
+    for rule_id in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"{path}: rule {rule_id} is listed more than once")
+    for rule_id in [i for i in ids if i not in FINDING_KINDS]:
+        problems.append(f"{path}: rule {rule_id} is not implemented (known rules: {', '.join(FINDING_KINDS)})")
+    for rule_id in [i for i in FINDING_KINDS if i not in ids]:
+        problems.append(f"{path}: rule {rule_id} is missing")
+    out = []
+    for n, rule in enumerate(doc.rules):
+        where = f"{path}: rules[{n}] ({rule.id})"
+        kinds = FINDING_KINDS.get(rule.id, ())
+        findings = rule.findings or {}
+        for kind in kinds:
+            if kind not in findings:
+                problems.append(f"{where}.findings.{kind}: missing (the severity of this kind of finding)")
+        for kind in findings:
+            if kind not in kinds:
+                problems.append(f"{where}.findings.{kind}: unknown kind of finding (this rule gives: {', '.join(kinds)})")
+        when = "; ".join(
+            f"{f.severity} when {_fill(f.when, params, f'{where}.findings.{kind}.when', problems)}" for kind, f in findings.items()
+        )
+        out.append(
+            RuleInfo(
+                id=rule.id,
+                checks=_fill(rule.checks, params, f"{where}.checks", problems),
+                when_violated=when,
+                source=rule.source,
+                status=rule.status,
+                severities={kind: f.severity for kind, f in findings.items()},
+            )
+        )
+    return tuple(out)
+
+
+def check_tables(directory: Path) -> list[str]:
+    """Every problem of a tables directory (empty when it loads), one message each."""
+    if not Path(directory).is_dir():
+        return [f"{directory}: rule tables directory not found"]
+    return _build(Path(directory))[1]
+
+
 def load_ruleset(directory: Path | None = None) -> RuleSet:
-    """Load every table under `directory` (default: the tables bundled in the package)."""
+    """Load the tables of `directory` over the bundled ones (default: the bundled tables).
+
+    Raises MappingError listing every problem, each with the file and the key path.
+    """
     directory = Path(directory) if directory else DEFAULT_MAPPINGS_DIR
     if not directory.is_dir():
         raise MappingError(f"{directory}: mappings directory not found")
+    ruleset, problems, _ = _build(directory)
+    if ruleset is None or problems:
+        count = f" ({len(problems)} problems)" if len(problems) > 1 else ""
+        raise MappingError(f"the rule tables in {directory} cannot be used{count}:\n  " + "\n  ".join(problems))
+    return ruleset
 
-    systems_path = directory / "systems.yaml"
-    systems = _read_yaml(systems_path)
-    if not isinstance(systems, dict):
-        raise MappingError(f"{systems_path}: expected a mapping of key -> list of URIs")
-    system_keys: dict[str, str] = {}
-    canonical: dict[str, str] = {}
-    for key, uris in systems.items():
-        if not isinstance(uris, list) or not uris:
-            raise MappingError(f"{systems_path}: {key!r} needs a non-empty list of URIs")
-        canonical[key] = uris[0]
-        for uri in uris:
-            system_keys[uri] = key
-    # A key used directly in a table ("system: hcpcs") maps to itself.
-    for key in systems:
-        system_keys.setdefault(key, key)
 
-    rules_path = directory / "rules.yaml"
-    rules_doc = _read_yaml(rules_path)
-    rules = tuple(
-        RuleInfo(
-            id=str(_require(r, "id", rules_path)),
-            checks=str(_require(r, "checks", rules_path)),
-            when_violated=str(_require(r, "when_violated", rules_path)),
-            source=str(_require(r, "source", rules_path)),
-            status=str(_require(r, "status", rules_path)),
-        )
-        for r in _require(rules_doc, "rules", rules_path)
+def diff_tables(site: Path, default: Path = DEFAULT_MAPPINGS_DIR) -> list[str]:
+    """What a site's tables change against the bundled ones, rule by rule and code by code."""
+    mine, theirs = load_ruleset(site), load_ruleset(default)
+    out: list[str] = []
+    for rule in mine.rules:
+        base = next((r for r in theirs.rules if r.id == rule.id), None)
+        if base is None:
+            out.append(f"rule {rule.id}: added")
+            continue
+        for kind in sorted(set(rule.severities) | set(base.severities)):
+            if rule.severities.get(kind) != base.severities.get(kind):
+                out.append(f"rule {rule.id} {kind}: severity {base.severities.get(kind)} -> {rule.severities.get(kind)}")
+        for name in ("checks", "source", "status"):
+            if getattr(rule, name) != getattr(base, name):
+                out.append(f"rule {rule.id} {name}: {getattr(base, name)!r} -> {getattr(rule, name)!r}")
+    scalars = (
+        "minimum_minutes", "iop_start", "revenue_default", "revenue_prefixes", "mental_health_ranges", "day_minimum",
+        "day_higher", "ot_only_kinds", "time_zone", "possible_time_zones", "performer_system", "ot_prefixes",
+        "ota_prefixes", "billed_code",
     )
-    for info in rules:
-        if info.status not in ("CONFIRMED", "UNCERTAIN"):
-            raise MappingError(f"{rules_path}: rule {info.id} has status {info.status!r}")
+    for name in scalars:
+        if getattr(mine, name) != getattr(theirs, name):
+            out.append(f"{name}: {_show(getattr(theirs, name))} -> {_show(getattr(mine, name))}")
+    for name, label in (
+        ("ot_codes", "OT session code"),
+        ("remote_classes", "remote encounter class"),
+        ("counted_session_statuses", "counted session status"),
+        ("review_session_statuses", "review session status"),
+        ("excluded_session_statuses", "excluded session status"),
+        ("bill_types_never", "type of bill never allowed"),
+    ):
+        out.extend(_set_diff(label, getattr(theirs, name), getattr(mine, name)))
+    for program in sorted(set(mine.bill_types_allowed) | set(theirs.bill_types_allowed)):
+        out.extend(_set_diff(f"{program} type of bill", theirs.bill_types_allowed.get(program, frozenset()), mine.bill_types_allowed.get(program, frozenset())))
+    for name, label in (("program_codings", "program code"), ("services", "day service"), ("claim_condition_codes", "condition code")):
+        out.extend(_map_diff(label, getattr(theirs, name), getattr(mine, name)))
+    out.extend(_map_diff("system URI", theirs.system_keys, mine.system_keys))
+    out.extend(_map_diff("market of SOPT", theirs.sopt_markets, mine.sopt_markets))
+    base_payers = {p.key: p for p in theirs.payers}
+    for payer in mine.payers:
+        was = base_payers.pop(payer.key, None)
+        if was is None:
+            out.append(f"payer {payer.key}: added ({payer.name})")
+        elif was != payer:
+            for program in sorted(set(payer.programs) | set(was.programs)):
+                if payer.programs.get(program) != was.programs.get(program):
+                    out.append(f"payer {payer.key} {program}: {_show(was.programs.get(program))} -> {_show(payer.programs.get(program))}")
+            for name in ("name", "market", "sopt_codes", "names", "identifiers", "states"):
+                if getattr(payer, name) != getattr(was, name):
+                    out.append(f"payer {payer.key} {name}: {_show(getattr(was, name))} -> {_show(getattr(payer, name))}")
+    out.extend(f"payer {key}: removed" for key in sorted(base_payers))
+    base_docs = {d.key: d for d in theirs.documentation}
+    for element in mine.documentation:
+        if element.key not in base_docs:
+            out.append(f"documentation {element.key}: added")
+        elif base_docs.pop(element.key) != element:
+            out.append(f"documentation {element.key}: evidence changed")
+    out.extend(f"documentation {key}: removed" for key in sorted(base_docs))
+    return out
 
-    programs_path = directory / "programs.yaml"
-    programs = _read_yaml(programs_path)
-    claim_cc = {str(k): str(v) for k, v in _require(programs, "claim_condition_codes", programs_path).items()}
-    program_codings = {
-        code: str(_require(entry, "program", programs_path))
-        for code, entry in _codes(_require(programs, "encounter_codings", programs_path), programs_path, system_keys)
-    }
 
-    ot_path = directory / "ot_sessions.yaml"
-    ot = _read_yaml(ot_path)
-    ot_codes = frozenset(code for code, _ in _codes(_require(ot, "codes", ot_path), ot_path, system_keys))
+def _show(value: Any) -> str:
+    if isinstance(value, (frozenset, set)):
+        return "[" + ", ".join(sorted(map(str, value))) + "]"
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return ", ".join("|".join(map(str, v)) for v in value)
+    return str(value)
 
-    perf_path = directory / "performers.yaml"
-    perf = _read_yaml(perf_path)
 
-    bill_path = directory / "bill_types.yaml"
-    bills = _read_yaml(bill_path)
+def _set_diff(label: str, before: frozenset[Any], after: frozenset[Any]) -> list[str]:
+    return [f"{label} {_code(c)}: added" for c in sorted(after - before, key=str)] + [
+        f"{label} {_code(c)}: removed" for c in sorted(before - after, key=str)
+    ]
 
-    services_path = directory / "services.yaml"
-    services_doc = _read_yaml(services_path)
-    services = {
-        code: str(_require(entry, "kind", services_path))
-        for code, entry in _codes(_require(services_doc, "codes", services_path), services_path, system_keys)
-    }
 
-    payers = []
-    for payer_path in sorted((directory / "payers").glob("*.yaml")):
-        doc = _read_yaml(payer_path)
-        match = _require(doc, "match", payer_path)
-        policy = _require(doc, "policy", payer_path)
-        payers.append(
-            PayerPolicy(
-                key=str(_require(doc, "key", payer_path)),
-                name=str(_require(doc, "name", payer_path)),
-                market=str(_require(doc, "market", payer_path)),
-                sopt_codes=frozenset(str(c) for c in match.get("sopt_codes") or ()),
-                names=tuple(str(n).lower() for n in match.get("names") or ()),
-                identifiers=frozenset(str(i) for i in match.get("identifiers") or ()),
-                states=frozenset(str(st).upper() for st in match.get("states") or ()),
-                programs={
-                    str(program): (entry.get("accepts"), str(entry.get("source", "")))
-                    for program, entry in policy.items()
-                },
-            )
-        )
+def _map_diff(label: str, before: dict[Any, Any], after: dict[Any, Any]) -> list[str]:
+    out = [f"{label} {_code(k)}: added ({after[k]})" for k in sorted(after.keys() - before.keys(), key=str)]
+    out += [f"{label} {_code(k)}: removed (was {before[k]})" for k in sorted(before.keys() - after.keys(), key=str)]
+    out += [f"{label} {_code(k)}: {before[k]} -> {after[k]}" for k in sorted(before.keys() & after.keys(), key=str) if before[k] != after[k]]
+    return out
 
-    markets_path = directory / "markets.yaml"
-    sopt_markets = {str(k): str(v) for k, v in (_require(_read_yaml(markets_path), "sopt_prefixes", markets_path) or {}).items()}
 
-    site_path = directory / "site.yaml"
-    site = _read_yaml(site_path)
-    time_zone = _require(site, "time_zone", site_path)
-    possible_zones = tuple(str(z) for z in _require(site, "possible_time_zones", site_path) or ())
-    for zone in ([time_zone] if time_zone else []) + list(possible_zones):
-        try:
-            ZoneInfo(str(zone))
-        except (ZoneInfoNotFoundError, ValueError):
-            raise MappingError(f"{site_path}: {zone!r} is not an IANA time zone (e.g. America/Chicago)") from None
-
-    statuses = {
-        name: frozenset(str(v) for v in _require(ot, name, ot_path) or ())
-        for name in ("counted_statuses", "review_statuses", "excluded_statuses")
-    }
-
-    doc_path = directory / "documentation.yaml"
-    doc_table = _require(_read_yaml(doc_path), "elements", doc_path)
-    elements = []
-    for key, element in doc_table.items():
-        evidence = []
-        for item in _require(element, "evidence", doc_path):
-            if "session" in item:
-                evidence.append(DocEvidence(kind="session", path=tuple(str(item["session"]).split("."))))
-            elif "resource" in item:
-                codes = frozenset(c for c, _ in _codes(item.get("codes") or [], doc_path, system_keys))
-                link = str(item.get("link", "patient"))
-                if link not in ("patient", "encounter"):
-                    raise MappingError(f"{doc_path}: {key}: link must be patient or encounter")
-                evidence.append(DocEvidence(kind="resource", resource_type=str(item["resource"]), codes=codes, link=link))
-            elif item.get("performers_credentialed"):
-                evidence.append(DocEvidence(kind="performers_credentialed"))
-            else:
-                raise MappingError(f"{doc_path}: {key}: unknown evidence {item!r}")
-        elements.append(DocElement(key=str(key), label=str(element.get("label", key)), evidence=tuple(evidence)))
-
-    return RuleSet(
-        version=f"{_require(rules_doc, 'version', rules_path)}+{_ruleset_digest(directory)}",
-        rules=rules,
-        system_keys=system_keys,
-        canonical_systems=canonical,
-        claim_condition_codes=claim_cc,
-        program_codings=program_codings,
-        ot_codes=ot_codes,
-        counted_session_statuses=statuses["counted_statuses"],
-        review_session_statuses=statuses["review_statuses"],
-        excluded_session_statuses=statuses["excluded_statuses"],
-        minimum_minutes=int(_require(ot, "minimum_minutes", ot_path)),
-        performer_system=str(_require(perf, "system", perf_path)),
-        ot_prefixes=tuple(_require(perf, "ot_prefixes", perf_path)),
-        ota_prefixes=tuple(_require(perf, "ota_prefixes", perf_path)),
-        bill_types_allowed={k: frozenset(v) for k, v in _require(bills, "allowed", bill_path).items()},
-        bill_types_never=frozenset(_require(bills, "never", bill_path)),
-        services=services,
-        payers=tuple(payers),
-        sopt_markets=sopt_markets,
-        documentation=tuple(elements),
-        time_zone=str(time_zone) if time_zone else None,
-        possible_time_zones=possible_zones,
-        source_dir=directory,
-    )
+def _code(value: Any) -> str:
+    return "|".join(value) if isinstance(value, tuple) else str(value)
