@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,9 +27,11 @@ class _QueueCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, queue_counts: Callable[[], Mapping[Any, int]]) -> None:
+    def __init__(self, queue_counts: Callable[[], Mapping[Any, int]], ruleset_version: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Which rule tables decide: a site's edit shows here as in every decision.
+        Info("g0129_ruleset", "The rule tables in use.", registry=r).info({"version": ruleset_version})
         self.notifications = Counter(
             "g0129_notifications_received", "Notifications received, by shape.", ["shape"], registry=r
         )

@@ -78,7 +78,7 @@ def create_app(
     expected = f"Bearer {settings.webhook_token}".encode()
     clock = clock or time.time
     queue = JobQueue.from_settings(settings, clock)
-    metrics = Metrics(queue.counts)
+    metrics = Metrics(queue.counts, rules.version)
 
     def count_retry(_: FHIRError) -> None:
         metrics.retries.labels("http").inc()

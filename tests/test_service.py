@@ -11,6 +11,7 @@ import pytest
 import respx
 
 from adapter.errors import UsageError
+from adapter.ruleset import load_ruleset
 from adapter.service import create_app
 from adapter.settings import Settings
 
@@ -100,6 +101,7 @@ def test_rest_hook_put_is_stored_and_deduplicated(tmp_path: Path) -> None:
         assert gauge(app, "g0129_notifications_deduplicated_total") == 1
         metrics = (await client.get("/metrics")).text
         assert "g0129_queue_pending 1.0" in metrics
+        assert f'g0129_ruleset_info{{version="{load_ruleset().version}"}} 1.0' in metrics
 
     serve(tmp_path, test)
 
