@@ -9,7 +9,7 @@ change, never once per day.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +56,21 @@ class RunResult:
     decisions: list[Decision]
     claims: list[AnnotatedClaim]  # valid ones, in order of first decision
     errors: list[InputError]  # input problems met while deciding, and Claims that failed validation
+    encounters_seen: int = 0  # Encounter resources looked at, in scope or not
 
 
 def evaluate(
-    index: Index, rules: RuleSet, validate_claims: bool = True, encounters: Collection[str] | None = None
+    index: Index,
+    rules: RuleSet,
+    validate_claims: bool = True,
+    encounters: Collection[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> RunResult:
     """Decide every case in the index (or only `encounters`, as `Encounter/<id>`) and annotate
     each Claim once with the decisions of all its encounters.
+
+    `progress(stage, done, total)`, when given, is called once per case decided (stage
+    `"decide"`) and once per Claim validated (`"validate"`), for a progress display.
 
     A PHP claim often bills several days: the decisions are applied to it one after the other,
     which is safe because annotation is per date and per encounter.
@@ -73,7 +81,7 @@ def evaluate(
     # In date order, whatever order the inputs came in (a file, a server's search): the lines
     # added to a Claim billing several days follow the days, on every path alike.
     cases = sorted(build_cases(index, rules, encounters), key=lambda c: (c.encounter_date or "", c.encounter))
-    for case in cases:
+    for done, case in enumerate(cases, start=1):
         decision = decide(case, rules)
         decisions.append(decision)
         errors.extend(
@@ -91,13 +99,21 @@ def evaluate(
         current.resource = annotate(current.resource, decision, rules)
         current.decisions.append(decision)
         current.cases.append(case)
+        if progress is not None:
+            progress("decide", done, len(cases))
     valid = []
-    for claim in claims.values():
+    for done, claim in enumerate(claims.values(), start=1):
         if validate_claims:
             try:
                 validate(claim.resource, f"{claim.source} ({claim.key})")
             except InvalidResource as exc:
                 errors.append(exc)
                 continue
+            finally:
+                if progress is not None:
+                    progress("validate", done, len(claims))
         valid.append(claim)
-    return RunResult(decisions, valid, errors)
+    seen = index.of_type("Encounter")
+    if encounters is not None:
+        seen = [e for e in seen if e.key in encounters]
+    return RunResult(decisions, valid, errors, encounters_seen=len(seen))
