@@ -34,6 +34,9 @@ Resource = dict[str, Any]
 
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl")
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
+# How often (in bytes) NDJSON reading reports progress: often enough to move a display, seldom
+# enough to cost nothing next to parsing.
+_REPORT_EVERY = 1 << 16
 
 
 @lru_cache(maxsize=None)
@@ -230,8 +233,16 @@ def load_value(value: Any, source: str) -> tuple[list[Entry], list[InputError]]:
     return entries, errors
 
 
-def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Entry], list[InputError]]:
-    """Parse one input's bytes (a JSON resource/Bundle, or NDJSON) into entries and errors."""
+def load_bytes(
+    data: bytes, source: str, ndjson: bool = False, on_bytes: Callable[[int], None] | None = None
+) -> tuple[list[Entry], list[InputError]]:
+    """Parse one input's bytes (a JSON resource/Bundle, or NDJSON) into entries and errors.
+
+    `on_bytes(n)`, when given, is told how many more bytes have been read (for a progress
+    display): NDJSON as its lines go by, so a large export moves the display; JSON once parsed.
+    The numbers add up to `len(data)`.
+    """
+    size = len(data)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if not ndjson:
@@ -239,10 +250,18 @@ def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Ent
             value = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
+        finally:
+            if on_bytes is not None:
+                on_bytes(size)
         return load_value(value, source)
     errors: list[InputError] = []
     entries: list[Entry] = []
-    for lineno, line in enumerate(data.splitlines(), start=1):
+    pending = size - len(data)  # bytes read but not reported yet (a BOM, then lines)
+    for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
+        pending += len(line)
+        if on_bytes is not None and pending >= _REPORT_EVERY:
+            on_bytes(pending)
+            pending = 0
         if not line.strip():
             continue
         where = f"{source}:{lineno}"
@@ -254,6 +273,8 @@ def load_bytes(data: bytes, source: str, ndjson: bool = False) -> tuple[list[Ent
         found, errs = load_value(value, where)
         entries.extend(found)
         errors.extend(errs)
+    if on_bytes is not None and pending:
+        on_bytes(pending)
     return entries, errors
 
 
@@ -276,11 +297,14 @@ def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def load_paths(
-    paths: Iterable[Path], on_file: Callable[[int, int], None] | None = None
+    paths: Iterable[Path],
+    on_file: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> tuple[Index, list[InputError], int]:
     """Load every input into one index. Returns (index, errors, number of files read).
 
-    `on_file(done, total)` is called after each file (for a progress display).
+    For a progress display: `on_file(done, total)` is called after each file, and `on_bytes(n)`
+    as bytes are read (see `load_bytes`).
     """
     index = Index()
     errors: list[InputError] = []
@@ -292,7 +316,7 @@ def load_paths(
         except OSError as exc:
             errors.append(InputError(f"cannot read ({exc.strerror})", source))
         else:
-            entries, errs = load_bytes(data, source, ndjson=path.suffix in NDJSON_SUFFIXES)
+            entries, errs = load_bytes(data, source, ndjson=path.suffix in NDJSON_SUFFIXES, on_bytes=on_bytes)
             errors.extend(errs)
             for entry in entries:
                 index.add(entry)
