@@ -19,8 +19,7 @@ import hashlib
 import re
 from typing import Any
 
-import orjson
-
+from . import jsonio
 from .case import Case, codings
 from .decision import Decision, Line
 from .ruleset import RuleSet
@@ -293,8 +292,7 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
     Because this is idempotent, `annotate(c) == c` means the Claim already says everything the
     decision says: a writer uses that to skip a write (and so never loops on its own writes).
     """
-    # A JSON round trip is a deep copy several times faster than copy.deepcopy.
-    out: Resource = orjson.loads(orjson.dumps(claim))
+    out: Resource = jsonio.copy(claim)
     _withdraw_lines(out, decision)
     if decision.outcome == "bill":
         for line in decision.lines:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
+from adapter import jsonio
 from adapter.auth import auth_from_settings
 from adapter.errors import (
     AuthError,
@@ -283,7 +284,7 @@ class FHIRClient:
             query = tuple(params.items() if isinstance(params, Mapping) else params)
         content = None
         if json_body is not None:
-            content = orjson.dumps(json_body)
+            content = jsonio.dumps(json_body)
             headers["Content-Type"] = FHIR_JSON
         attempt = 0
         while True:
@@ -334,7 +335,7 @@ def _resource_type(resource: Mapping[str, Any]) -> str:
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
-        body = orjson.loads(response.content)
+        body = jsonio.loads(response.content)
     except orjson.JSONDecodeError:
         raise FatalFHIRError(
             f"{response.request.method} {response.request.url}: answer is not JSON",

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from . import jsonio
 from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
 
 __all__ = [
@@ -247,7 +248,7 @@ def load_bytes(
         data = data[3:]
     if not ndjson:
         try:
-            value = orjson.loads(data)
+            value = jsonio.loads(data)
         except orjson.JSONDecodeError as exc:
             return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
         finally:
@@ -266,7 +267,7 @@ def load_bytes(
             continue
         where = f"{source}:{lineno}"
         try:
-            value = orjson.loads(line)
+            value = jsonio.loads(line)
         except orjson.JSONDecodeError as exc:
             errors.append(InvalidJSON(f"malformed JSON ({exc})", where))
             continue

@@ -8,8 +8,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import orjson
-
+from . import jsonio
 from .errors import InputError, InvalidElement
 
 __all__ = ["DirectorySink", "error_record"]
@@ -43,7 +42,7 @@ class DirectorySink:
         return self
 
     def write(self, name: str, record: dict[str, Any]) -> None:
-        self._files[name][0].write(orjson.dumps(record) + b"\n")
+        self._files[name][0].write(jsonio.dumps(record) + b"\n")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

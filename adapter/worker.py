@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import orjson
 
+from . import jsonio
 from .errors import AdapterError, TransientFHIRError, VersionConflict
 from .fhir_client import FHIRClient
 from .gather import encounters_touched, gather
@@ -118,7 +118,7 @@ class Worker:
         if job.kind == CATCH_UP:
             await self.catch_up()
             return
-        payload: dict[str, Any] | None = orjson.loads(job.payload) if job.payload else None
+        payload: dict[str, Any] | None = jsonio.loads(job.payload) if job.payload else None
         change = Change(job.resource_type, job.resource_id, job.version_id, payload)
         if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(change.resource_id, change.version_id):
             self.metrics.writebacks.labels("own-echo").inc()
@@ -174,7 +174,7 @@ class Worker:
                 if isinstance(updated, str) and (newest is None or _instant(updated) > _instant(newest)):
                     newest = updated
                 if await asyncio.to_thread(
-                    self.queue.enqueue, RESOURCE, rtype, str(resource["id"]), version, orjson.dumps(resource), "catch-up"
+                    self.queue.enqueue, RESOURCE, rtype, str(resource["id"]), version, jsonio.dumps(resource), "catch-up"
                 ):
                     queued += 1
                 else:

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from . import jsonio
 from .decision import Decision
 from .errors import FatalFHIRError, FHIRError, InvalidResource, VersionConflict
 from .fhir_client import FHIRClient
@@ -59,7 +60,7 @@ def claim_diff(before: dict[str, Any] | None, after: dict[str, Any], name: str) 
 def _lines(resource: dict[str, Any] | None) -> list[str]:
     if not resource:
         return []
-    return orjson.dumps(resource, option=orjson.OPT_INDENT_2).decode().splitlines(keepends=True)
+    return jsonio.dumps(resource, option=orjson.OPT_INDENT_2).decode().splitlines(keepends=True)
 
 
 def _now() -> str:

@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
-import orjson
+
+from adapter import jsonio
 
 Resource = dict[str, Any]
 
@@ -93,7 +94,7 @@ class FakeFHIR:
         rtype = resource["resourceType"]
         rid = str(resource.get("id") or f"f{next(self._ids)}")
         history = self.store.setdefault((rtype, rid), [])
-        stored = orjson.loads(orjson.dumps(resource))
+        stored = jsonio.copy(resource)
         stored["id"] = rid
         meta = dict(stored.get("meta") or {})
         meta["versionId"] = str(len(history) + 1)
@@ -111,7 +112,7 @@ class FakeFHIR:
         does with a transaction: resources without an id get one, and references to a fullUrl
         (`urn:uuid:`, or an absolute URL) become `Type/id`. Returns those rewrites."""
         data = path.read_bytes()
-        values = [orjson.loads(line) for line in data.splitlines() if line.strip()] if path.suffix == ".ndjson" else [orjson.loads(data)]
+        values = [jsonio.loads(line) for line in data.splitlines() if line.strip()] if path.suffix == ".ndjson" else [jsonio.loads(data)]
         entries: list[tuple[str | None, Resource]] = []
         for value in values:
             if value.get("resourceType") == "Bundle":
@@ -150,7 +151,7 @@ class FakeFHIR:
             return self._outcome(failure, "injected failure")
         path = request.url.path.removeprefix("/fhir").strip("/")
         parts = path.split("/") if path else []
-        body = orjson.loads(request.content) if request.content else None
+        body = jsonio.loads(request.content) if request.content else None
         if request.method == "GET" and parts == ["metadata"]:
             return self._json(200, {"resourceType": "CapabilityStatement", "status": "active", "fhirVersion": "4.0.1"})
         if request.method == "POST" and not parts:
@@ -173,7 +174,7 @@ class FakeFHIR:
         if versioned and versioned.get("meta"):
             headers["ETag"] = f'W/"{versioned["meta"]["versionId"]}"'
             headers["Location"] = f"{self.base}/{versioned['resourceType']}/{versioned['id']}/_history/{versioned['meta']['versionId']}"
-        return httpx.Response(status, content=orjson.dumps(body), headers=headers)
+        return httpx.Response(status, content=jsonio.dumps(body), headers=headers)
 
     def _outcome(self, status: int, text: str) -> httpx.Response:
         return self._json(status, {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]})
@@ -272,7 +273,7 @@ class FakeFHIR:
         resolved: dict[str, str] = {}
         out = []
         for entry in bundle.get("entry", []):
-            request, resource = entry["request"], orjson.loads(orjson.dumps(entry["resource"]))
+            request, resource = entry["request"], jsonio.copy(entry["resource"])
             for target in resource.get("target", []):
                 target["reference"] = resolved.get(target.get("reference"), target.get("reference"))
             if request["method"] == "PUT":

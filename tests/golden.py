@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from adapter import jsonio
 from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
@@ -44,7 +45,7 @@ def as_bundle(claims: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     for fixture, claims in sorted(claims_by_fixture().items()):
-        golden_path(fixture).write_bytes(orjson.dumps(as_bundle(claims), option=orjson.OPT_INDENT_2) + b"\n")
+        golden_path(fixture).write_bytes(jsonio.dumps(as_bundle(claims), option=orjson.OPT_INDENT_2) + b"\n")
         print(f"wrote {golden_path(fixture).relative_to(FIXTURES.parent)}")
 
 

@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 
+from adapter import jsonio
 from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
@@ -372,12 +373,18 @@ def _comparable(c: dict[str, Any]) -> dict[str, Any]:
     return out | ({"meta": meta} if meta else {})
 
 
+def _exact(c: dict[str, Any]) -> bytes:
+    """A Claim as JSON text, keys sorted, decimals as written: equal means digit for digit."""
+    return jsonio.dumps(_comparable(c), option=orjson.OPT_SORT_KEYS)
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "08-claim-two-php-days",  # one Claim, two days: one transaction, not one per day
         "45-r5-claim-encounter-extension",  # linked only by the R5 extension: found, no draft beside it
         "47-synthea-pharmacy-and-institutional-claims",  # the institutional Claim, never the pharmacy one
+        "59-claim-with-decimals-and-vendor-extensions",  # what the EHR wrote comes back digit for digit
     ],
 )
 def test_the_sidecar_writes_what_replay_writes_once_per_claim(adapter: tuple[Adapter, Any], tmp_path: Path, name: str) -> None:
@@ -402,10 +409,10 @@ def test_the_sidecar_writes_what_replay_writes_once_per_claim(adapter: tuple[Ada
             60,
         )
         time.sleep(5)  # every notification of the load handled, and any echo of our write
-        c = fhir.get(f"/{want.key}").json()
+        c = jsonio.loads(fhir.get(f"/{want.key}").content)
         assert c["meta"]["versionId"] == "2", "one write for the Claim, whatever the number of days it bills"
         assert provenances(want.key) == 1
-        assert _comparable(c) == _comparable(target), "the sidecar wrote another Claim than replay"
+        assert _exact(c) == _exact(target), "the sidecar wrote another Claim than replay"
         provenance = fhir.get("/Provenance", params={"target": want.key}).json()["entry"][0]["resource"]
         assert provenance["target"] == [{"reference": f"{want.key}/_history/2"}]
         assert all("/_history/" in e["what"]["reference"] for e in provenance["entity"])
@@ -451,5 +458,10 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
         assert decision_of(c, d["encounter"])["outcome"] == d["outcome"]
         if d["outcome"] == "bill":  # a review's lines wait in the decision extension
             assert len(g0129_lines(c)) >= len(d["lines"])
+    # replay --fhir-base writes what replay writes, digit for digit (decimals, vendor extensions).
+    for line in (tmp_path / "claims.ndjson").read_bytes().splitlines():
+        want = jsonio.loads(line)
+        if want.get("id", "").startswith("php59-"):
+            assert _exact(jsonio.loads(fhir.get(f"/Claim/{want['id']}").content)) == _exact(want)
     again = g0129("replay", str(folder), "--out", str(tmp_path), "--fhir-base", HAPI)
     assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout

@@ -21,6 +21,7 @@ import httpx
 import orjson
 import pytest
 
+from adapter import jsonio
 from adapter.fhir_client import FHIRClient
 from adapter.metrics import Metrics
 from adapter.queue import JobQueue
@@ -125,8 +126,8 @@ def test_replay_and_the_worker_decide_and_write_alike(
     assert all(n == 1 for n in written.values()), f"written more than once: {written}"
     assert len(written) == len(changed)
     annotated = [c for c in fake.all("Claim") if c.get("meta", {}).get("tag")]
-    assert sorted(orjson.dumps(_comparable(c), option=orjson.OPT_SORT_KEYS) for c in annotated) == sorted(
-        orjson.dumps(c, option=orjson.OPT_SORT_KEYS) for c in want_claims
+    assert sorted(jsonio.dumps(_comparable(c), option=orjson.OPT_SORT_KEYS) for c in annotated) == sorted(
+        jsonio.dumps(c, option=orjson.OPT_SORT_KEYS) for c in want_claims
     )
 
     # Deciding it all again writes nothing.
@@ -139,8 +140,8 @@ def _as_bundle(fixture: Path) -> bytes:
     """The fixture as one request body: an NDJSON export becomes a collection Bundle."""
     if fixture.suffix != ".ndjson":
         return fixture.read_bytes()
-    entries = [{"resource": orjson.loads(line)} for line in fixture.read_bytes().splitlines() if line.strip()]
-    return orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries})
+    entries = [{"resource": jsonio.loads(line)} for line in fixture.read_bytes().splitlines() if line.strip()]
+    return jsonio.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries})
 
 
 def test_evaluate_endpoint_decides_every_fixture_as_replay_does(
