@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
 from .fhir_client import FHIRClient
-from .ingest import INPUT_SUFFIXES, Index, iter_input_files, load_paths
+from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files, load_paths
 from .pipeline import RunResult, evaluate
 from .queue import JobQueue
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
@@ -165,9 +166,9 @@ def _size(path: Path) -> int:
         return 0  # reported as an input error when it is read
 
 
-def _load(files: list[Path], paths: list[Path], progress: _Progress) -> tuple[Index, list[InputError], int]:
+def _load(files: list[Path], paths: list[Path], progress: _Progress, max_file_bytes: int) -> tuple[Index, list[InputError], int]:
     progress.start("reading", sum(_size(f) for f in files), "B", in_bytes=True)
-    index, errors, nfiles = load_paths(files, on_bytes=progress.advance)
+    index, errors, nfiles = load_paths(files, on_bytes=progress.advance, max_file_bytes=max_file_bytes)
     progress.close()
     if not len(index) and not errors:
         names = ", ".join(str(p) for p in paths)
@@ -215,13 +216,15 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
     files = _input_files(args.paths, stderr)
     rules = ctx.rules()
     _make_out(args.out)
-    with _Progress(stderr, args.progress) as progress:
-        index, errors, nfiles = _load(files, args.paths, progress)
-        result = evaluate(index, rules, validate_claims=args.validate, progress=progress.pipeline)
-    errors.extend(result.errors)
-    outcomes = Counter(d.outcome for d in result.decisions)
-    by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
+    # Held from the start: a second run into the same --out is refused before any work, and a
+    # run that fails or is interrupted leaves the previous outputs as they were.
     with DirectorySink(args.out) as sink:
+        with _Progress(stderr, args.progress) as progress:
+            index, errors, nfiles = _load(files, args.paths, progress, args.max_file_bytes)
+            result = evaluate(index, rules, validate_claims=args.validate, progress=progress.pipeline)
+        errors.extend(result.errors)
+        outcomes = Counter(d.outcome for d in result.decisions)
+        by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
         for decision in result.decisions:
             sink.write("decisions", decision.to_json())
         for claim in result.claims:
@@ -274,7 +277,7 @@ def _evaluate(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: 
     files = _input_files(args.paths, stderr)
     rules = ctx.rules()
     with _Progress(stderr, args.progress) as progress:
-        index, errors, _ = _load(files, args.paths, progress)
+        index, errors, _ = _load(files, args.paths, progress, args.max_file_bytes)
         result = evaluate(index, rules, validate_claims=False, progress=progress.pipeline)
     for decision in result.decisions:
         stdout.write(orjson.dumps(decision.to_json()).decode() + "\n")
@@ -340,10 +343,21 @@ def _serve(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[
     # Imported here: the web stack is not needed (nor paid for) by replay and evaluate.
     import uvicorn
 
+    from .logs import configure
     from .service import create_app
 
-    app = create_app(Settings.from_env(), rules=ctx.rules(), dry_run=args.dry_run)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    settings = Settings.from_env()
+    level = args.log_level or settings.log_level
+    # Once, before anything logs; uvicorn gets no logging config of its own (log_config=None),
+    # so its lines, the access log included, go through the same handler and filter.
+    configure(settings.log_format, level, stderr)
+    rules = ctx.rules()
+    app = create_app(settings, rules=rules, dry_run=args.dry_run)
+    logging.getLogger("adapter").info(
+        "g0129 serve on %s:%d, ruleset %s%s", args.host, args.port, rules.version, ", dry run: nothing is written" if args.dry_run else "",
+        extra={"event": "start", "ruleset": rules.version, "dry_run": args.dry_run, "fhir_base": settings.fhir_base_url},
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=level, log_config=None)
     return EXIT_OK
 
 
@@ -423,6 +437,24 @@ def _global_options(in_subcommand: bool) -> argparse.ArgumentParser:
     return options
 
 
+def _byte_count(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    try:
+        number = int(text[:-1]) * units[text[-1].lower()] if text[-1:].lower() in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with k, m or g)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("the size must be positive")
+    return number
+
+
+def _max_file_bytes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-file-bytes", type=_byte_count, default=DEFAULT_MAX_FILE_BYTES, metavar="SIZE",
+        help="the largest JSON file, or NDJSON line, that is read (e.g. 512m; default 512m): a larger one is an input error",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="g0129", description="Decide G0129 billing (OT in PHP/IOP) from FHIR R4 data.",
@@ -434,6 +466,7 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", parents=common, help="decide FHIR bundles/NDJSON offline and write the results to a directory")
     replay.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")
     replay.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="output directory (default: ./out)")
+    _max_file_bytes(replay)
     replay.add_argument(
         "--no-validate", dest="validate", action="store_false",
         help="skip the R4 model validation of each annotated Claim (about 4x faster bulk re-runs)",
@@ -443,6 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.set_defaults(run=_replay)
     evaluate_ = sub.add_parser("evaluate", parents=common, help="print decisions as NDJSON on stdout; write nothing")
     evaluate_.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")
+    _max_file_bytes(evaluate_)
     evaluate_.set_defaults(run=_evaluate)
     rules_ = sub.add_parser(
         "rules", parents=common, help="show the rule catalog with sources and status; check or compare rule tables",
@@ -462,7 +496,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="server log level (default: info)"
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"],
+        help="the lowest level logged (default: G0129_LOG_LEVEL, else info); the format is G0129_LOG_FORMAT (json or text)",
     )
     serve.add_argument("--dry-run", action="store_true", help="decide and log the Claim diffs; write nothing back")
     serve.set_defaults(run=_serve)

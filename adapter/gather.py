@@ -68,8 +68,6 @@ async def gather(client: FHIRClient, encounter_ids: Sequence[str], rules: RuleSe
     `extra` are resources already in hand (the Claim a notification carried).
     """
     index = Index()
-    for resource in extra:
-        _add(index, resource, "notification")
     gathered: set[str] = set()
     patients: set[str] = set()
     wanted = list(dict.fromkeys(encounter_ids))
@@ -89,6 +87,9 @@ async def gather(client: FHIRClient, encounter_ids: Sequence[str], rules: RuleSe
             linked = [i for i in (_encounter_id(index, ref, claim) for ref in claim_encounter_references(claim.resource)) if i]
             if gathered.intersection(linked):
                 wanted.extend(i for i in linked if i not in wanted)
+    # Last: what the server says now wins a tie with a copy a notification carried.
+    for resource in extra:
+        _add(index, resource, "notification")
     await _missing_payors(client, index)
     return index
 

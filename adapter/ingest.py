@@ -11,11 +11,12 @@ One bad input never stops the others: `load_paths` returns the errors beside the
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -27,6 +28,7 @@ __all__ = [
     "Index",
     "load_bytes",
     "load_value",
+    "load_file",
     "load_paths",
     "iter_input_files",
 ]
@@ -255,17 +257,28 @@ def load_bytes(
             if on_bytes is not None:
                 on_bytes(size)
         return load_value(value, source)
+    return _ndjson(data.splitlines(keepends=True), source, on_bytes, size - len(data))
+
+
+def _ndjson(
+    lines: Iterable[bytes | int], source: str, on_bytes: Callable[[int], None] | None, pending: int = 0
+) -> tuple[list[Entry], list[InputError]]:
+    """Entries of NDJSON lines (an int stands for a line too long to read, of that length)."""
     errors: list[InputError] = []
     entries: list[Entry] = []
-    pending = size - len(data)  # bytes read but not reported yet (a BOM, then lines)
-    for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
-        pending += len(line)
+    for lineno, line in enumerate(lines, start=1):
+        pending += line if isinstance(line, int) else len(line)
         if on_bytes is not None and pending >= _REPORT_EVERY:
             on_bytes(pending)
             pending = 0
+        where = f"{source}:{lineno}"
+        if isinstance(line, int):
+            errors.append(InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", where))
+            continue
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
         if not line.strip():
             continue
-        where = f"{source}:{lineno}"
         try:
             value = jsonio.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -297,10 +310,59 @@ def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
+# A JSON document is parsed whole, so it is read whole: this bounds what one file may take.
+DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+def load_file(
+    path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES, on_bytes: Callable[[int], None] | None = None
+) -> tuple[list[Entry], list[InputError]]:
+    """The entries of one input file. Only a regular file is read (a FIFO would hang the run, a
+    device such as /dev/zero never ends); a JSON document over `max_bytes` is refused before it
+    is read; NDJSON is read line by line, however large, each line up to `max_bytes`."""
+    source = str(path)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return [], [InputError("not a regular file (a FIFO, device or socket is never read)", source)]
+        if path.suffix in NDJSON_SUFFIXES:
+            with open(path, "rb") as fh:
+                return _ndjson(_bounded_lines(fh, max_bytes), source, on_bytes)
+        if info.st_size > max_bytes:
+            return [], [InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)]
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        return [], [InputError(f"cannot read ({exc.strerror or exc})", source)]
+    if len(data) > max_bytes:  # it grew while we looked
+        return [], [InputError(f"over the limit of {max_bytes} bytes (--max-file-bytes): not read", source)]
+    return load_bytes(data, source, on_bytes=on_bytes)
+
+
+def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | int]:
+    """Each line of `fh`, or for a line over `max_bytes` its length (the line itself is skipped
+    without being held in memory)."""
+    while True:
+        line = fh.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            skipped = len(line)
+            while True:
+                rest = fh.readline(1 << 20)
+                skipped += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield skipped
+            continue
+        yield line
+
+
 def load_paths(
     paths: Iterable[Path],
     on_file: Callable[[int, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[Index, list[InputError], int]:
     """Load every input into one index. Returns (index, errors, number of files read).
 
@@ -311,16 +373,10 @@ def load_paths(
     errors: list[InputError] = []
     files = list(iter_input_files(paths))
     for n, path in enumerate(files, start=1):
-        source = str(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            errors.append(InputError(f"cannot read ({exc.strerror})", source))
-        else:
-            entries, errs = load_bytes(data, source, ndjson=path.suffix in NDJSON_SUFFIXES, on_bytes=on_bytes)
-            errors.extend(errs)
-            for entry in entries:
-                index.add(entry)
+        entries, errs = load_file(path, max_file_bytes, on_bytes)
+        errors.extend(errs)
+        for entry in entries:
+            index.add(entry)
         if on_file is not None:
             on_file(n, len(files))
     return index, errors, len(files)

@@ -5,6 +5,7 @@ import importlib.metadata
 import io
 import re
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def _bad_inputs(folder: Path) -> None:
 def test_replay_writes_the_three_files_and_a_summary(tmp_path: Path) -> None:
     code, out, err = run("replay", str(GOOD), "--out", str(tmp_path))
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["claims.ndjson", "decisions.ndjson", "errors.ndjson"]
+    # Beside the outputs only the hidden lock of the directory (`.g0129-lock`).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g0129-lock", "claims.ndjson", "decisions.ndjson", "errors.ndjson"]
     decision = orjson.loads((tmp_path / "decisions.ndjson").read_bytes())
     assert decision["encounter"] == "Encounter/php01-enc" and decision["outcome"] == "bill"
     assert "outcomes: bill 1, review 0, do-not-bill 0" in out
@@ -120,7 +122,8 @@ def test_failed_run_keeps_the_previous_output(tmp_path: Path) -> None:
     broken = _broken_tables(tmp_path / "mappings")
     assert run("--mappings", str(broken), "replay", str(GOOD), "--out", str(tmp_path))[0] == 2
     assert (tmp_path / "decisions.ndjson").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["claims.ndjson", "decisions.ndjson", "errors.ndjson"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and not p.name.startswith(".")) == ["claims.ndjson", "decisions.ndjson", "errors.ndjson"]
+    assert not list(tmp_path.glob(".g0129-run-*")), "no run directory left behind"
 
 
 def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
@@ -488,3 +491,66 @@ def test_rules_check_and_diff_on_real_tables(tmp_path: Path, ruleset) -> None:
     assert run("rules", "diff", str(DEFAULT_MAPPINGS_DIR)) == (0, "no change against the bundled tables\n", "")
     code, out, _ = run("rules", "diff", str(_site_copy(tmp_path / "site")))
     assert code == 0 and "time_zone" in out and "America/Chicago" in out
+
+
+# -- replay cannot be stalled or blown up by one input ---------------------------------------------
+
+def test_a_fifo_or_a_device_among_the_inputs_is_refused_not_read(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "day.json").write_bytes(GOOD.read_bytes())
+    os.mkfifo(folder / "pipe.json")  # reading it would wait forever
+    (folder / "zero.ndjson").symlink_to("/dev/zero")  # reading it would never end
+    code, out, err = run("replay", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 1
+    assert err.count("not a regular file") == 2
+    assert '"outcome":"bill"' in (tmp_path / "out" / "decisions.ndjson").read_text()
+
+
+def test_a_file_over_the_size_limit_is_an_input_error(tmp_path: Path) -> None:
+    code, _, err = run("replay", str(GOOD), "--max-file-bytes", "1k", "--out", str(tmp_path))
+    assert code in (1, 2) and "over the limit of 1024" in err
+    assert run("replay", str(GOOD), "--max-file-bytes", "lots", "--out", str(tmp_path))[0] == 2
+
+
+def test_a_huge_ndjson_line_is_skipped_and_the_rest_read(tmp_path: Path) -> None:
+    bundle = orjson.loads(GOOD.read_bytes())
+    lines = [orjson.dumps(e["resource"]) for e in bundle["entry"]]
+    lines.insert(2, b'{"resourceType": "Basic", "id": "big", "note": "' + b"x" * 5000 + b'"}')
+    export = tmp_path / "export.ndjson"
+    export.write_bytes(b"\n".join(lines) + b"\n")
+    code, _, err = run("replay", str(export), "--max-file-bytes", "4k", "--out", str(tmp_path / "out"))
+    assert code == 1 and f"{export}:3: a line of" in err
+    assert '"outcome":"bill"' in (tmp_path / "out" / "decisions.ndjson").read_text()
+
+
+def test_a_killed_run_is_cleaned_up_or_completed_by_the_next(tmp_path: Path) -> None:
+    from adapter.sinks import JOURNAL, RUN_PREFIX
+
+    assert run("replay", str(GOOD), "--out", str(tmp_path))[0] == 0
+    first = (tmp_path / "decisions.ndjson").read_bytes()
+    # Killed while writing: a run directory and nothing else.
+    (tmp_path / f"{RUN_PREFIX}dead").mkdir()
+    (tmp_path / f"{RUN_PREFIX}dead" / "decisions.ndjson").write_bytes(b"half")
+    # Killed while swapping in: the journal names a complete run; one file is already moved.
+    done = tmp_path / f"{RUN_PREFIX}done"
+    done.mkdir()
+    (done / "claims.ndjson").write_bytes(b"claims of the killed run\n")
+    (done / "errors.ndjson").write_bytes(b"")
+    (tmp_path / "decisions.ndjson").write_bytes(b"decisions of the killed run\n")
+    (tmp_path / JOURNAL).write_text(done.name)
+    from adapter.sinks import recover
+
+    recover(tmp_path)
+    assert (tmp_path / "claims.ndjson").read_bytes() == b"claims of the killed run\n"
+    assert not (tmp_path / JOURNAL).exists() and not list(tmp_path.glob(f"{RUN_PREFIX}*"))
+    assert run("replay", str(GOOD), "--out", str(tmp_path))[0] == 0
+    assert (tmp_path / "decisions.ndjson").read_bytes() == first
+
+
+def test_two_runs_into_one_directory_are_not_mixed(tmp_path: Path) -> None:
+    from adapter.sinks import DirectorySink
+
+    with DirectorySink(tmp_path):
+        code, _, err = run("replay", str(GOOD), "--out", str(tmp_path))
+    assert code == 2 and "another g0129 run is writing there" in err
