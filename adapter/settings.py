@@ -20,6 +20,8 @@ __all__ = ["DEFAULT_SMART_SCOPE", "Settings"]
 
 AuthMode = Literal["none", "bearer", "smart"]
 SmartAlg = Literal["RS384", "ES384"]
+LogFormat = Literal["json", "text"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 _T = TypeVar("_T", bound=str)
 
 # SMART v2 scopes (permissions in c-r-u-d-s order): read and search what the rules look at,
@@ -80,6 +82,9 @@ class Settings:
     dead_letter_attempts: int = 5
     catchup_interval: float = 60.0
     mappings_dir: Path | None = None
+    # `g0129 serve`'s logs (adapter/logs.py): one JSON object per line unless `text`.
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +119,8 @@ class Settings:
             ),
             catchup_interval=env.seconds("G0129_CATCHUP_INTERVAL", defaults.catchup_interval),
             mappings_dir=env.path("G0129_MAPPINGS_DIR"),
+            log_format=env.choice("G0129_LOG_FORMAT", get_args(LogFormat), defaults.log_format),
+            log_level=env.choice("G0129_LOG_LEVEL", get_args(LogLevel), defaults.log_level),
         )
 
     def http_retry_policy(self) -> RetryPolicy:

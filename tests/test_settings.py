@@ -77,6 +77,12 @@ def test_reads_every_variable() -> None:
     assert settings.mappings_dir == Path("/etc/g0129/mappings")
 
 
+def test_logs_are_json_at_info_unless_told() -> None:
+    assert (Settings().log_format, Settings().log_level) == ("json", "info")
+    settings = Settings.from_env({"G0129_LOG_FORMAT": "text", "G0129_LOG_LEVEL": "debug"})
+    assert (settings.log_format, settings.log_level) == ("text", "debug")
+
+
 def test_empty_values_count_as_unset() -> None:
     assert Settings.from_env({"G0129_FHIR_TOKEN": "", "G0129_HTTP_TIMEOUT": " "}) == Settings()
 
@@ -104,6 +110,8 @@ def test_settings_are_frozen_and_keep_secrets_out_of_repr() -> None:
         ("G0129_DEAD_LETTER_ATTEMPTS", "0"),
         ("G0129_MAX_BODY_BYTES", "-1"),
         ("G0129_QUEUE_RETRY_FOR", "inf"),
+        ("G0129_LOG_FORMAT", "xml"),
+        ("G0129_LOG_LEVEL", "verbose"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
