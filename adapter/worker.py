@@ -4,6 +4,9 @@ A job is a changed resource (from a notification or the catch-up search) or a ca
 Failures are sorted by what can fix them: an outage (network, timeout, 429, 5xx) or a version
 conflict that keeps recurring puts the job back with backoff, for as long as the queue's
 retry window allows; anything retrying cannot fix counts toward the dead letter.
+
+Every decision, write-back, conflict, retry and dead letter is one log line with the fields
+`event`, `job`, `claim`, `encounters` and `outcome` (adapter/logs.py renders them as JSON).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -22,7 +27,7 @@ from .fhir_client import FHIRClient
 from .gather import encounters_touched, gather
 from .metrics import Metrics
 from .notifications import Change
-from .pipeline import RunResult, evaluate
+from .pipeline import AnnotatedClaim, RunResult, evaluate
 from .queue import Job, JobQueue
 from .ruleset import RuleSet
 from .writeback import WriteResult, Writer, settle
@@ -39,6 +44,26 @@ DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.
 OVERLAP = timedelta(seconds=2)
+
+
+@dataclass(slots=True)
+class _Context:
+    """What the job in hand has come to, for its log lines: the Encounters it touches and the
+    Claim being written (set as each write starts), so a conflict, a retry or a dead letter
+    names them."""
+
+    job: int | None = None
+    encounters: list[str] = field(default_factory=list)
+    claim: AnnotatedClaim | None = None
+
+
+# The job this task is working on; a ContextVar, so a direct `sync()` (tests, bench) has none.
+_job: ContextVar[_Context | None] = ContextVar("g0129_job", default=None)
+
+
+def _fields(event: str, outcome: str, job: int | None, claim: str | None, encounters: Sequence[str], **more: Any) -> dict[str, Any]:
+    """The fields every worker log line carries, then `more`."""
+    return {"event": event, "job": job, "claim": claim, "encounters": list(encounters), "outcome": outcome, **more}
 
 
 class Worker:
@@ -88,6 +113,14 @@ class Worker:
         job = await asyncio.to_thread(self.queue.claim_next, self.clock())
         if job is None:
             return False
+        token = _job.set(_Context(job.id))
+        try:
+            await self._run(job)
+        finally:
+            _job.reset(token)
+        return True
+
+    async def _run(self, job: Job) -> None:
         try:
             await self.process(job)
         except (TransientFHIRError, VersionConflict) as exc:
@@ -97,31 +130,44 @@ class Worker:
         except AdapterError as exc:
             await self._failed(job, f"{type(exc).__name__}: {exc}", False)
         except Exception as exc:  # a bug must not stop the worker; the job shows it
-            log.exception("job %s failed unexpectedly", job.id)
+            log.exception("job %s failed unexpectedly", job.id, extra={"event": "bug", "job": job.id, "resource": _resource(job)})
             await self._failed(job, f"unexpected {type(exc).__name__}: {exc}", False)
         else:
             await asyncio.to_thread(self.queue.complete, job.id)
             self.metrics.latency.observe(max(0.0, self.clock() - job.accepted_at))
-        return True
 
     async def _failed(self, job: Job, error: str, transient: bool, retry_after: float | None = None) -> None:
         state = await asyncio.to_thread(self.queue.retry_later, job.id, error, transient, self.clock(), retry_after)
+        context = _job.get() or _Context(job.id)
+        claim = context.claim.key if context.claim else None
+        fields = _fields(
+            "dead-letter" if state == "dead" else "retry", state, job.id, claim, context.encounters,
+            resource=_resource(job), error=error, transient=transient, tries=job.tries + 1,
+        )
+        if retry_after is not None:
+            fields["retry_after"] = retry_after
         if state == "dead":
             self.metrics.dead_letters.inc()
-            log.error("job %s (%s/%s) dead-lettered: %s", job.id, job.resource_type, job.resource_id, error)
+            log.error("job %s (%s) dead-lettered: %s", job.id, fields["resource"], error, extra=fields)
         else:
-            log.warning("job %s (%s/%s) will be retried: %s", job.id, job.resource_type, job.resource_id, error)
+            log.warning("job %s (%s) will be retried: %s", job.id, fields["resource"], error, extra=fields)
 
     # -- jobs ----------------------------------------------------------------------------------
 
     async def process(self, job: Job) -> None:
         if job.kind == CATCH_UP:
-            await self.catch_up()
+            queued = await self.catch_up()
+            # Every interval: worth a line when it found something the notifications missed.
+            log.log(
+                logging.INFO if queued else logging.DEBUG, "catch-up: %d change(s) queued", queued,
+                extra={"event": "catch-up", "job": job.id, "queued": queued},
+            )
             return
         payload: dict[str, Any] | None = jsonio.loads(job.payload) if job.payload else None
         change = Change(job.resource_type, job.resource_id, job.version_id, payload)
         if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(change.resource_id, change.version_id):
             self.metrics.writebacks.labels("own-echo").inc()
+            log.debug("%s/_history/%s is our own write", change.resource_type, change.version_id, extra={"event": "own-echo", "job": job.id, "resource": _resource(job)})
             return
         extra = [payload] if payload and change.resource_type == "Claim" else []
         encounter_ids = await encounters_touched(self.client, change, self.rules)
@@ -132,6 +178,8 @@ class Worker:
         """Decide these encounters and every Claim that bills them, as the server has them now,
         and write each Claim that changed once (the one decision step, `pipeline.evaluate`)."""
         carried = list(extra)
+        context = _job.get() or _Context()
+        context.encounters = [f"Encounter/{i}" for i in encounter_ids]
 
         async def decide() -> RunResult:
             index = await gather(self.client, encounter_ids, self.rules, carried)
@@ -140,21 +188,40 @@ class Worker:
             carried.clear()
             run = await asyncio.to_thread(evaluate, index, self.rules)
             for error in run.errors:
-                log.warning("input error: %s", error)
+                log.warning("input error: %s", error, extra={"event": "input-error", "job": context.job, "encounters": context.encounters})
             return run
 
-        results = await settle(self.writer, decide, lambda claim: claim.original, on_conflict=self._conflict)
+        def current_of(claim: AnnotatedClaim) -> dict[str, Any] | None:
+            context.claim = claim  # the Claim being written, should a conflict or failure follow
+            return claim.original
+
+        def conflict() -> None:
+            self.metrics.writebacks.labels("conflict").inc()
+            claim = context.claim
+            encounters = [case.encounter for case in claim.cases] if claim else context.encounters
+            log.warning(
+                "%s changed on the server while we wrote it: reading it again and deciding again", claim.key if claim else "a Claim",
+                extra=_fields("conflict", "re-deciding", context.job, claim.key if claim else None, encounters),
+            )
+
+        results = await settle(self.writer, decide, current_of, on_conflict=conflict)
         for result in results:
             self.metrics.writebacks.labels(result.result).inc()
+            encounters = [decision.encounter for decision in result.decisions]
             for decision in result.decisions:
                 self.metrics.decisions.labels(decision.outcome).inc()
-                log.info("%s %s: %s (%s)", decision.encounter, result.claim, decision.outcome, ", ".join(decision.rule_ids) or "no finding")
-            if result.diff:
-                log.info("dry run, not written:\n%s", result.diff)
+                log.info(
+                    "%s on %s: %s (%s)", decision.encounter, result.claim, decision.outcome, ", ".join(decision.rule_ids) or "no finding",
+                    extra=_fields("decision", decision.outcome, context.job, result.claim, [decision.encounter], rules=list(decision.rule_ids), ruleset=decision.ruleset_version),
+                )
+            fields = _fields("write-back", result.result, context.job, result.claim, encounters, version=result.version)
+            if result.result == "dry-run":
+                # What would be written, as a JSON Patch (RFC 6902) from the server's Claim.
+                log.info("%s: dry run, not written (%d change(s))", result.claim, len(result.patch), extra=fields | {"patch": result.patch})
+            else:
+                version = f" (version {result.version})" if result.version else ""
+                log.info("%s: %s%s", result.claim, result.result, version, extra=fields)
         return results
-
-    def _conflict(self) -> None:
-        self.metrics.writebacks.labels("conflict").inc()
 
     async def catch_up(self) -> int:
         """Queue every watched resource changed since the checkpoint; returns how many were new."""
@@ -199,6 +266,12 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), self.catch_up_interval)
             except asyncio.TimeoutError:
                 pass
+
+
+def _resource(job: Job) -> str:
+    """The job's resource as a reference (version-specific when it has one)."""
+    reference = f"{job.resource_type}/{job.resource_id}"
+    return f"{reference}/_history/{job.version_id}" if job.version_id else reference
 
 
 def _instant(value: str) -> datetime:

@@ -7,6 +7,8 @@
 - Nothing is written when the annotated Claim equals the server's (annotation is idempotent),
   so a re-run, a duplicate notification or our own write's echo changes nothing.
 - The versions we write are recorded, so the notification about them is recognised as ours.
+- A dry run writes nothing: it says what would change, as a text diff for a person and as a
+  JSON Patch (RFC 6902) for the service's logs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+# jsonpatch ships no type information; the second code keeps mypy quiet should stubs appear.
+import jsonpatch  # type: ignore[import-untyped, unused-ignore]
 import orjson
 
 from . import jsonio
@@ -32,7 +36,7 @@ from .pipeline import AnnotatedClaim, RunResult, evaluate
 from .ruleset import RuleSet
 from .vocabulary import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM, draft_identifier, meta_version
 
-__all__ = ["WriteResult", "Writer", "claim_diff", "provenance", "push_claims", "settle"]
+__all__ = ["WriteResult", "Writer", "claim_diff", "claim_patch", "provenance", "push_claims", "settle"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +54,20 @@ class WriteResult:
     version: str | None = None
     diff: str = ""
     decisions: tuple[Decision, ...] = ()
+    patch: tuple[dict[str, Any], ...] = ()  # dry run: the JSON Patch from the server's Claim
 
 
 def claim_diff(before: dict[str, Any] | None, after: dict[str, Any], name: str) -> str:
     """A unified diff of two Claims as pretty JSON (keys in their own order)."""
     return "".join(difflib.unified_diff(_lines(before), _lines(after), f"{name} (server)", f"{name} (annotated)"))
+
+
+def claim_patch(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The JSON Patch (RFC 6902) that turns the server's Claim into the annotated one; for a
+    Claim the server does not have, one `add` of the whole document."""
+    if before is None:
+        return ({"op": "add", "path": "", "value": after},)
+    return tuple(jsonpatch.make_patch(before, after).patch)
 
 
 def _lines(resource: dict[str, Any] | None) -> list[str]:
@@ -150,7 +163,8 @@ class Writer:
         if current is not None and annotated == current:
             return WriteResult(name, "unchanged", meta_version(current), decisions=decisions)
         if self.dry_run:
-            return WriteResult(name, "dry-run", meta_version(current), claim_diff(current, annotated, name), decisions)
+            diff, patch = claim_diff(current, annotated, name), claim_patch(current, annotated)
+            return WriteResult(name, "dry-run", meta_version(current), diff, decisions, patch)
         expected: str | None
         if current is not None:
             version = meta_version(current)

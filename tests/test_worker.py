@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonpatch
 import orjson
 import pytest
 import respx
@@ -276,3 +278,87 @@ def test_the_loop_survives_a_failing_state_store(worker: Worker, fake: FakeFHIR,
     asyncio.run(main())
     assert worker.queue.counts()["done"] == 1
     assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+
+
+# -- the log lines (one per decision, write-back, conflict, retry, dead letter) --------------------
+
+
+def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="adapter")
+    return caplog
+
+
+def test_a_decision_and_its_write_back_are_one_line_each(worker: Worker, logs: pytest.LogCaptureFixture) -> None:
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    [job] = worker.queue.list("pending")
+    run(worker)
+    [decision] = events(logs, "decision")
+    assert (decision.job, decision.claim, decision.encounters, decision.outcome) == (  # type: ignore[attr-defined]
+        job.id, "Claim/php01-claim", ["Encounter/php01-enc"], "bill",
+    )
+    assert decision.levelno == logging.INFO and decision.getMessage().startswith("Encounter/php01-enc on Claim/php01-claim: bill")
+    [write] = events(logs, "write-back")
+    assert (write.job, write.claim, write.encounters, write.outcome, write.version) == (  # type: ignore[attr-defined]
+        job.id, "Claim/php01-claim", ["Encounter/php01-enc"], "updated", "2",
+    )
+    # Decided again with nothing new: the write-back line says unchanged.
+    worker.queue.enqueue(RESOURCE, "Procedure", "php01-ot1", "1", None, "test")
+    run(worker)
+    assert [r.outcome for r in events(logs, "write-back")] == ["updated", "unchanged"]  # type: ignore[attr-defined]
+    assert len(events(logs, "decision")) == 2
+
+
+def test_a_conflict_is_logged_with_the_claim_and_its_encounters(worker: Worker, fake: FakeFHIR, logs: pytest.LogCaptureFixture) -> None:
+    fake.before_transaction.append(lambda server: server.put(dict(server.current("Claim", "php01-claim"))))
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    [job] = worker.queue.list("pending")
+    run(worker)
+    [conflict] = events(logs, "conflict")
+    assert conflict.levelno == logging.WARNING
+    assert (conflict.job, conflict.claim, conflict.encounters, conflict.outcome) == (  # type: ignore[attr-defined]
+        job.id, "Claim/php01-claim", ["Encounter/php01-enc"], "re-deciding",
+    )
+    assert [r.outcome for r in events(logs, "write-back")] == ["updated"]  # type: ignore[attr-defined]
+
+
+def test_retries_and_the_dead_letter_are_logged(worker: Worker, fake: FakeFHIR, clock: Clock, logs: pytest.LogCaptureFixture) -> None:
+    fake.fail_next = [400] * 10
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+    for _ in range(3):
+        [job] = worker.queue.list("pending")
+        clock.now = max(clock.now, job.not_before)
+        run(worker)
+    retries, [dead] = events(logs, "retry"), events(logs, "dead-letter")
+    assert [(r.outcome, r.tries) for r in retries] == [("pending", 1), ("pending", 2)]  # type: ignore[attr-defined]
+    assert dead.levelno == logging.ERROR
+    assert (dead.job, dead.encounters, dead.outcome, dead.resource) == (  # type: ignore[attr-defined]
+        job.id, ["Encounter/php01-enc"], "dead", "Encounter/php01-enc/_history/1",
+    )
+    assert "400" in dead.error  # type: ignore[attr-defined]
+    assert not events(logs, "decision"), "nothing was decided"
+
+
+def test_dry_run_logs_each_claim_diff_as_a_json_patch(tmp_path: Path, fake: FakeFHIR, ruleset: RuleSet, clock: Clock, logs: pytest.LogCaptureFixture) -> None:
+    queue = JobQueue(tmp_path / "queue.sqlite3", clock=clock)
+    client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=1), sleep=_no_sleep)
+    dry = Worker(queue, client, ruleset, Metrics(queue.counts), dry_run=True, clock=clock)
+    try:
+        queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+        run(dry)
+    finally:
+        asyncio.run(client.aclose())
+        queue.close()
+    assert claim_writes(fake) == [], "a dry run writes nothing"
+    [line] = events(logs, "write-back")
+    assert (line.claim, line.outcome) == ("Claim/php01-claim", "dry-run")  # type: ignore[attr-defined]
+    patch = list(line.patch)  # type: ignore[attr-defined]
+    assert patch and {op["op"] for op in patch} <= {"add", "remove", "replace", "move", "copy", "test"}
+    server = fake.current("Claim", "php01-claim")
+    annotated = jsonpatch.apply_patch(server, patch)
+    assert annotated["meta"]["tag"][0]["code"] == "annotated"
+    assert any(e["url"] == DECISION_EXTENSION for e in annotated["extension"])
