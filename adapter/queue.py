@@ -8,7 +8,22 @@ cost, one fsync per enqueue, is small next to a webhook round trip.
 
 A job is `pending` until it is `done` or `dead` (dead-lettered). A worker claims a pending job
 by taking a lease on it; if the worker dies, the lease runs out and the job can be claimed
-again, so "pending" covers both waiting and in-progress jobs: accepted, not finished.
+again, so "pending" covers both waiting and in-progress jobs: accepted, not finished. A lease
+names its holder, and each holder keeps an advisory lock (`flock`) on a file of its own beside
+the queue while it lives; the kernel drops the lock when the process dies, even by `kill -9`,
+so a service starting up reclaims the leases of dead holders at once
+(`reclaim_abandoned`) instead of waiting out the lease.
+
+Deduplication: a job that knows its resource's `meta.lastUpdated` (the notification carried the
+resource, or the catch-up search found it) is a duplicate of any job, in any state, for the
+same (type, id, versionId, lastUpdated); after a FHIR server reset, data recreated as version 1
+has another lastUpdated, so it is new work, not a repeat. A job that does not know it (id-only
+content) is a duplicate only of the same job still waiting. There is at most one pending
+catch-up job.
+
+The schema is versioned (`PRAGMA user_version`) and migrated in place when an older file is
+opened: columns are added with ALTER TABLE, indexes replaced. A file written by a newer adapter
+is refused.
 
 Besides jobs, the file keeps the small state the service needs to survive restarts:
 catch-up checkpoints, the last event number seen per Subscription, and the Claim versions we
@@ -22,21 +37,33 @@ SQLite's write lock up front (`BEGIN IMMEDIATE`), so two workers never claim the
 from __future__ import annotations
 
 import builtins
+import os
+import re
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
 
+import orjson
+
 from adapter.errors import UsageError
 from adapter.retry import RetryPolicy
 from adapter.settings import Settings
 
-__all__ = ["QUEUE_BACKOFF", "Job", "JobQueue", "JobState"]
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["CATCH_UP", "QUEUE_BACKOFF", "Job", "JobQueue", "JobState", "NewJob"]
+
+# The kind of the catch-up job (worker.CATCH_UP is the same word): at most one is pending.
+CATCH_UP = "catch-up"
 
 JobState = Literal["pending", "done", "dead"]
 
@@ -45,8 +72,9 @@ JobState = Literal["pending", "done", "dead"]
 # queue bounds retries by time (transient) or by `dead_letter_attempts` (fatal).
 QUEUE_BACKOFF = RetryPolicy(base_delay=5.0, factor=2.0, max_delay=900.0, retry_after_cap=3600.0)
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+# Tables as a new file gets them; an older file gets the missing columns from _ADDED_COLUMNS.
+_TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
     id           INTEGER PRIMARY KEY,
     kind         TEXT    NOT NULL,
@@ -63,13 +91,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     not_before   REAL    NOT NULL,
     lease_until  REAL,
     last_error   TEXT,
-    updated_at   REAL    NOT NULL
+    updated_at   REAL    NOT NULL,
+    last_updated TEXT    NOT NULL DEFAULT '',
+    leased_by    TEXT
 );
--- One job per resource version, ever: redeliveries and catch-up finds of a version we already
--- have are dropped. Id-only jobs (empty version) are deduplicated in enqueue() instead.
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_version
-    ON jobs (resource_type, resource_id, version_id) WHERE version_id <> '';
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, not_before);
 CREATE TABLE IF NOT EXISTS checkpoints (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -85,10 +110,27 @@ CREATE TABLE IF NOT EXISTS own_writes (
     PRIMARY KEY (claim_id, version_id)
 ) WITHOUT ROWID;
 """
+# Schema 2: the resource's meta.lastUpdated (part of the deduplication key) and the lease holder.
+_ADDED_COLUMNS = (
+    ("last_updated", "TEXT NOT NULL DEFAULT ''"),
+    ("leased_by", "TEXT"),
+)
+_INDEXES = """
+-- Schema 1 deduplicated on (type, id, versionId) for ever, which outlives a server reset.
+DROP INDEX IF EXISTS jobs_version;
+-- One job per resource version as the server dated it: redeliveries and catch-up finds of a
+-- version we already have are dropped. Jobs without lastUpdated are deduplicated in enqueue().
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_key
+    ON jobs (resource_type, resource_id, version_id, last_updated) WHERE last_updated <> '';
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_kind ON jobs (kind, state);
+"""
+_OWNER = re.compile(r"[0-9]+-[0-9a-f]{32}")
 
 _COLUMNS = (
     "id, kind, resource_type, resource_id, version_id, payload, source, state, attempts, tries,"
-    " accepted_at, window_start, not_before, lease_until, last_error, updated_at"
+    " accepted_at, window_start, not_before, lease_until, last_error, updated_at, last_updated,"
+    " leased_by"
 )
 
 
@@ -117,6 +159,22 @@ class Job:
     lease_until: float | None
     last_error: str | None
     updated_at: float
+    last_updated: str = ""  # the resource's meta.lastUpdated, "" when unknown
+    leased_by: str | None = None  # the queue instance (pid-uuid) holding the lease
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to enqueue. `last_updated` None means: read it from the payload's
+    `meta.lastUpdated`, if there is a payload (so every caller's full-resource jobs get it)."""
+
+    kind: str
+    resource_type: str
+    resource_id: str
+    version_id: str = ""
+    payload: bytes | None = None
+    source: str = ""
+    last_updated: str | None = None
 
 
 class JobQueue:
@@ -140,6 +198,10 @@ class JobQueue:
         self._lease_seconds = lease_seconds
         self._clock = clock
         self._lock = threading.Lock()
+        # Who holds the leases this instance takes; its lock file is made on the first claim.
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._owners = self.path.with_name(self.path.name + ".owners")
+        self._owner_fd: int | None = None
         # Autocommit mode: transactions are opened explicitly, see _transaction().
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
@@ -151,9 +213,21 @@ class JobQueue:
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version > _SCHEMA_VERSION:
                 raise UsageError(f"{self.path} was written by a newer adapter (schema {version})")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            _execute_script(db, _TABLES)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, declaration in _ADDED_COLUMNS:
+                if name not in columns:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            _execute_script(db, _INDEXES)
+            # Schema 1 let catch-up jobs pile up (one more per restart during an outage): keep
+            # the oldest pending one.
+            db.execute(
+                "UPDATE jobs SET state = 'done', lease_until = NULL, leased_by = NULL,"
+                " last_error = 'superseded: one catch-up at a time', updated_at = ?"
+                " WHERE kind = ? AND state = 'pending' AND id > ("
+                "SELECT min(id) FROM jobs WHERE kind = ? AND state = 'pending')",
+                (self._clock(), CATCH_UP, CATCH_UP),
+            )
             db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
     @classmethod
@@ -168,6 +242,11 @@ class JobQueue:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_fd is not None:
+                # Our leases are all released or will be reclaimed; the lock file goes with us.
+                (self._owners / f"{self.owner}.lock").unlink(missing_ok=True)
+                os.close(self._owner_fd)
+                self._owner_fd = None
 
     def __enter__(self) -> JobQueue:
         return self
@@ -190,34 +269,68 @@ class JobQueue:
         version_id: str,
         payload: bytes | None,
         source: str,
+        last_updated: str | None = None,
     ) -> bool:
         """Record a job durably; True if it is new, False if it duplicates one we have.
 
-        With a `version_id`, a job duplicates any job, in any state, for the same version. With
-        an empty one ("something about this resource changed"), it duplicates a job of the same
-        kind for the same resource that is waiting and not yet claimed: that job will read the
-        latest version anyway. One already claimed may have read an older version, so a new
-        job is accepted.
+        With a `last_updated` (given, or read from the payload's meta), a job duplicates any
+        job, in any state, for the same (type, id, version, lastUpdated). Without one, nothing
+        tells a redelivery from the same version made again after a server reset, so it
+        duplicates only a job of the same kind for the same resource and version that is
+        waiting and not yet claimed: that job will read the latest version anyway. One already
+        claimed may have read an older version, so a new job is accepted. A catch-up job
+        duplicates any pending catch-up job, claimed or not.
         """
+        return self.enqueue_many(
+            [NewJob(kind, resource_type, resource_id, version_id, payload, source, last_updated)]
+        )[0]
+
+    def enqueue_many(self, jobs: Iterable[NewJob]) -> builtins.list[bool]:
+        """Record several jobs durably in one transaction (one fsync, whatever their number);
+        for each, True if it is new. Deduplicated as `enqueue`, also among themselves."""
         now = self._clock()
+        new = []
         with self._transaction() as db:
-            if (
-                not version_id
-                and db.execute(
-                    "SELECT 1 FROM jobs WHERE state = 'pending' AND version_id = ''"
-                    " AND kind = ? AND resource_type = ? AND resource_id = ?"
-                    " AND (lease_until IS NULL OR lease_until <= ?) LIMIT 1",
-                    (kind, resource_type, resource_id, now),
-                ).fetchone()
-            ):
-                return False
-            cursor = db.execute(
-                "INSERT INTO jobs (kind, resource_type, resource_id, version_id, payload, source,"
-                " state, accepted_at, window_start, not_before, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (kind, resource_type, resource_id, version_id, payload, source, now, now, now, now),
-            )
-            return cursor.rowcount == 1
+            for job in jobs:
+                last_updated = (
+                    _last_updated_of(job.payload) if job.last_updated is None else job.last_updated
+                )
+                if job.kind == CATCH_UP:
+                    duplicate = db.execute(
+                        "SELECT 1 FROM jobs WHERE kind = ? AND state = 'pending' LIMIT 1", (CATCH_UP,)
+                    ).fetchone()
+                elif not last_updated:
+                    duplicate = db.execute(
+                        "SELECT 1 FROM jobs WHERE state = 'pending' AND last_updated = ''"
+                        " AND kind = ? AND resource_type = ? AND resource_id = ? AND version_id = ?"
+                        " AND (lease_until IS NULL OR lease_until <= ?) LIMIT 1",
+                        (job.kind, job.resource_type, job.resource_id, job.version_id, now),
+                    ).fetchone()
+                else:
+                    duplicate = None  # the unique index decides
+                if duplicate is not None:
+                    new.append(False)
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO jobs (kind, resource_type, resource_id, version_id, payload, source,"
+                    " state, accepted_at, window_start, not_before, updated_at, last_updated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (
+                        job.kind,
+                        job.resource_type,
+                        job.resource_id,
+                        job.version_id,
+                        job.payload,
+                        job.source,
+                        now,
+                        now,
+                        now,
+                        now,
+                        last_updated,
+                    ),
+                )
+                new.append(cursor.rowcount == 1)
+        return new
 
     def claim_next(self, now: float) -> Job | None:
         """Lease the next pending job that is due, or return None if there is none.
@@ -225,6 +338,7 @@ class JobQueue:
         A job whose lease ran out was being worked on by a worker that died. That counts as a
         failed attempt, so a job that kills its worker every time ends up dead, not looping.
         """
+        self._hold_owner_lock()
         with self._transaction() as db:
             while True:
                 row = db.execute(
@@ -244,10 +358,42 @@ class JobQueue:
                     continue
                 lease_until = now + self._lease_seconds
                 db.execute(
-                    "UPDATE jobs SET lease_until = ?, attempts = ?, updated_at = ? WHERE id = ?",
-                    (lease_until, attempts, now, job.id),
+                    "UPDATE jobs SET lease_until = ?, leased_by = ?, attempts = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (lease_until, self.owner, attempts, now, job.id),
                 )
-                return replace(job, lease_until=lease_until, attempts=attempts, updated_at=now)
+                return replace(
+                    job, lease_until=lease_until, leased_by=self.owner, attempts=attempts, updated_at=now
+                )
+
+    def reclaim_abandoned(self) -> int:
+        """End at once the leases whose holder has died (its lock file is gone or unlocked), so
+        their jobs are claimable now rather than when the lease runs out; returns how many.
+
+        Such a lease still counts as an attempt when its job is claimed again (see
+        `claim_next`). A lease of a live holder (another process on the same file) is kept.
+        Leases from schema 1, which named no holder, count as dead: the service that held
+        them was stopped to upgrade.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            holders = [
+                row[0]
+                for row in db.execute(
+                    "SELECT DISTINCT leased_by FROM jobs WHERE state = 'pending' AND lease_until > ?",
+                    (now,),
+                )
+            ]
+            reclaimed = 0
+            for holder in holders:
+                if holder == self.owner or self._holder_alive(holder):
+                    continue
+                reclaimed += db.execute(
+                    "UPDATE jobs SET lease_until = ?, updated_at = ?"
+                    " WHERE state = 'pending' AND lease_until > ? AND leased_by IS ?",
+                    (now, now, now, holder),
+                ).rowcount
+            return reclaimed
 
     def complete(self, job_id: int) -> None:
         """Mark a job done."""
@@ -280,7 +426,8 @@ class JobQueue:
                 tries = job.tries + 1
                 db.execute(
                     "UPDATE jobs SET state = 'pending', attempts = ?, tries = ?, not_before = ?,"
-                    " lease_until = NULL, last_error = ?, updated_at = ? WHERE id = ?",
+                    " lease_until = NULL, leased_by = NULL, last_error = ?, updated_at = ?"
+                    " WHERE id = ?",
                     (
                         attempts,
                         tries,
@@ -411,6 +558,38 @@ class JobQueue:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _hold_owner_lock(self) -> None:
+        """Create and lock our holder file, once, before our first lease is written: a lease
+        naming us exists only while the lock shows us alive."""
+        if self._owner_fd is not None or sys.platform == "win32":
+            return
+        with self._lock:  # threads sharing this instance: one file, locked once
+            if self._owner_fd is None:
+                self._owners.mkdir(exist_ok=True)
+                fd = os.open(self._owners / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else has it
+                self._owner_fd = fd
+
+    def _holder_alive(self, holder: str | None) -> bool:
+        """Whether the queue instance `holder` still lives: its lock file exists and is locked."""
+        if sys.platform == "win32":
+            return True  # no flock: leases run out as before
+        if holder is None or not _OWNER.fullmatch(holder):
+            return False
+        path = self._owners / f"{holder}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases our lock, if we got it
+        path.unlink(missing_ok=True)  # a dead holder's file
+        return False
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock at BEGIN, so a read-then-write (claim, dedup) cannot
@@ -436,12 +615,32 @@ class JobQueue:
         db: sqlite3.Connection, job_id: int, state: JobState, error: str | None, now: float
     ) -> None:
         cursor = db.execute(
-            "UPDATE jobs SET state = ?, lease_until = NULL, last_error = ?, updated_at = ?"
-            " WHERE id = ?",
+            "UPDATE jobs SET state = ?, lease_until = NULL, leased_by = NULL, last_error = ?,"
+            " updated_at = ? WHERE id = ?",
             (state, error, now, job_id),
         )
         if cursor.rowcount != 1:
             raise UsageError(f"no job {job_id} in the queue")
+
+
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    # Statement by statement: executescript() would commit the transaction we are in.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _last_updated_of(payload: bytes | None) -> str:
+    """The `meta.lastUpdated` of a JSON resource payload, or "" (none, or not readable)."""
+    if payload is None:
+        return ""
+    try:
+        resource = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return ""
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return updated if isinstance(updated, str) else ""
 
 
 def _check_state(state: str) -> None:

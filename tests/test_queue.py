@@ -6,13 +6,16 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
+from adapter import worker
 from adapter.errors import UsageError
-from adapter.queue import Job, JobQueue
+from adapter.queue import CATCH_UP, Job, JobQueue, NewJob
 from adapter.retry import RetryPolicy
 from adapter.settings import Settings
 
@@ -51,11 +54,20 @@ def queue(tmp_path: Path, clock: Clock) -> Iterator[JobQueue]:
 
 
 def add(
-    queue: JobQueue, resource_id: str = "c1", version_id: str = "1", kind: str = "claim"
+    queue: JobQueue,
+    resource_id: str = "c1",
+    version_id: str = "1",
+    kind: str = "claim",
+    updated: str | None = None,
 ) -> bool:
     return queue.enqueue(
-        kind, "Claim", resource_id, version_id, b'{"resourceType":"Claim"}', "webhook"
+        kind, "Claim", resource_id, version_id, b'{"resourceType":"Claim"}', "webhook", updated
     )
+
+
+# Two lastUpdated of one version: as first made, and as made again after a server reset.
+BEFORE_RESET = "2026-07-24T12:00:00.000+00:00"
+AFTER_RESET = "2026-07-25T08:30:00.000+00:00"
 
 
 def claim(queue: JobQueue, now: float) -> Job:
@@ -85,14 +97,57 @@ def test_enqueue_then_claim_returns_the_job(queue: JobQueue) -> None:
     assert queue.claim_next(T0) is None  # leased
 
 
-def test_same_version_is_deduplicated_in_every_state(queue: JobQueue) -> None:
+def test_same_version_and_last_updated_is_deduplicated_in_every_state(queue: JobQueue) -> None:
+    assert add(queue, updated=BEFORE_RESET) is True
+    assert add(queue, updated=BEFORE_RESET) is False
+    queue.complete(claim(queue, T0).id)
+    # a redelivery after the work is done is still a duplicate
+    assert add(queue, updated=BEFORE_RESET) is False
+    assert add(queue, version_id="2", updated=BEFORE_RESET) is True
+    assert add(queue, resource_id="c2", updated=BEFORE_RESET) is True
+    assert queue.counts() == {"pending": 2, "done": 1, "dead": 0}
+
+
+def test_a_version_made_again_after_a_server_reset_is_new_work(queue: JobQueue) -> None:
+    assert add(queue, updated=BEFORE_RESET) is True
+    queue.complete(claim(queue, T0).id)
+
+    # The server was reset and the Claim recreated: version 1 again, another lastUpdated.
+    assert add(queue, updated=AFTER_RESET) is True
+    assert add(queue, updated=AFTER_RESET) is False
+
+    (job,) = queue.list("pending")
+    assert (job.version_id, job.last_updated) == ("1", AFTER_RESET)
+
+
+def test_last_updated_is_read_from_the_payload_unless_given(queue: JobQueue) -> None:
+    """The catch-up search enqueues found resources without naming lastUpdated: the key still
+    has it, so catch-up finds of recreated data are new work too."""
+    def found(updated: str) -> bytes:
+        return orjson.dumps({"resourceType": "Claim", "id": "c1", "meta": {"versionId": "1", "lastUpdated": updated}})
+
+    assert queue.enqueue("resource", "Claim", "c1", "1", found(BEFORE_RESET), "catch-up")
+    queue.complete(claim(queue, T0).id)
+    assert not queue.enqueue("resource", "Claim", "c1", "1", found(BEFORE_RESET), "catch-up")
+    assert queue.enqueue("resource", "Claim", "c1", "1", found(AFTER_RESET), "catch-up")
+    assert [job.last_updated for job in queue.list("pending")] == [AFTER_RESET]
+    # An explicit value wins over the payload's; a payload that is not JSON has none.
+    assert queue.enqueue("resource", "Claim", "c2", "1", found(BEFORE_RESET), "x", AFTER_RESET)
+    assert queue.enqueue("resource", "Claim", "c3", "1", b"not json", "x")
+    assert {job.resource_id: job.last_updated for job in queue.list("pending")} == {
+        "c1": AFTER_RESET, "c2": AFTER_RESET, "c3": ""
+    }
+
+
+def test_a_version_without_last_updated_is_a_duplicate_only_while_waiting(queue: JobQueue) -> None:
+    """Id-only content names a version but not when it was made: a done job for that version
+    may be from before a server reset, so only a job still waiting makes it a duplicate."""
     assert add(queue) is True
     assert add(queue) is False
     queue.complete(claim(queue, T0).id)
-    assert add(queue) is False  # a redelivery after the work is done is still a duplicate
+    assert add(queue) is True
+    assert add(queue) is False
     assert add(queue, version_id="2") is True
-    assert add(queue, resource_id="c2") is True
-    assert queue.counts() == {"pending": 2, "done": 1, "dead": 0}
 
 
 def test_id_only_jobs_dedupe_while_waiting_but_not_once_claimed(queue: JobQueue) -> None:
@@ -105,6 +160,38 @@ def test_id_only_jobs_dedupe_while_waiting_but_not_once_claimed(queue: JobQueue)
     # The claimed job may already have read an older version; this change needs its own job.
     assert add(queue, version_id="") is True
     assert add(queue, version_id="") is False
+
+
+def test_one_pending_catch_up_at_a_time(queue: JobQueue) -> None:
+    assert worker.CATCH_UP == CATCH_UP
+
+    def catch_up() -> bool:
+        return queue.enqueue(CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
+
+    assert catch_up() is True
+    assert catch_up() is False
+    job = claim(queue, T0)
+    assert catch_up() is False, "one claimed and running is still pending"
+    queue.retry_later(job.id, "server down", transient=True, now=T0)
+    assert catch_up() is False, "nor is one waiting out a backoff"
+    queue.complete(claim(queue, T0 + 3600).id)
+    assert catch_up() is True
+    assert len(queue.list("pending")) == 1
+
+
+def test_enqueue_many_is_deduplicated_among_itself(queue: JobQueue) -> None:
+    jobs = [
+        NewJob("resource", "Encounter", "e1", "1", None, "bundle", BEFORE_RESET),
+        NewJob("resource", "Encounter", "e1", "1", None, "bundle", BEFORE_RESET),
+        NewJob("resource", "Encounter", "e2"),
+        NewJob("resource", "Encounter", "e2"),
+        NewJob(CATCH_UP, "Subscription", CATCH_UP),
+        NewJob(CATCH_UP, "Subscription", CATCH_UP),
+    ]
+
+    assert queue.enqueue_many(jobs) == [True, False, True, False, True, False]
+    assert queue.enqueue_many([]) == []
+    assert queue.counts()["pending"] == 3
 
 
 def test_claims_come_in_order_and_respect_not_before(queue: JobQueue, clock: Clock) -> None:
@@ -145,6 +232,58 @@ def test_a_job_that_keeps_killing_its_worker_is_dead_lettered(queue: JobQueue) -
     assert queue.claim_next(now) is None
     (dead,) = queue.list("dead")
     assert "stopped 3 times" in (dead.last_error or "")
+
+
+def test_leases_of_a_killed_process_are_reclaimed_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from adapter.queue import JobQueue
+        queue = JobQueue({str(path)!r})
+        queue.enqueue("resource", "Claim", "c1", "1", None, "webhook")
+        job = queue.claim_next(time.time())
+        print("leased", job.id, flush=True)
+        time.sleep(60)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().startswith("leased")
+        with JobQueue(path) as alive:
+            assert alive.reclaim_abandoned() == 0, "its holder is alive: the lease stands"
+            assert alive.claim_next(time.time()) is None
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+    with JobQueue(path) as queue:  # lease_seconds: 300, none of it waited out
+        assert queue.reclaim_abandoned() == 1
+        job = queue.claim_next(time.time())
+        assert job is not None and job.resource_id == "c1"
+        assert job.attempts == 1, "the lost worker counts as an attempt"
+        assert job.leased_by == queue.owner
+        assert queue.reclaim_abandoned() == 0, "our own lease is not reclaimed"
+    assert list((tmp_path / "q.sqlite3.owners").iterdir()) == [], "lock files go with their holders"
+
+
+def test_a_live_holder_in_the_same_process_keeps_its_leases(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    with JobQueue(path) as first, JobQueue(path) as second:
+        first.enqueue("resource", "Claim", "c1", "1", None, "webhook")
+        now = time.time()
+        assert first.claim_next(now) is not None
+        assert second.reclaim_abandoned() == 0
+        assert second.claim_next(now) is None
 
 
 # --- failures, backoff, dead letters -------------------------------------------------------
@@ -343,6 +482,76 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="newer"):
         JobQueue(path)
+
+
+# The schema of adapter 0.1.0 (user_version 1), as files in the field have it.
+SCHEMA_1 = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, resource_type TEXT NOT NULL, resource_id TEXT NOT NULL,
+    version_id TEXT NOT NULL, payload BLOB, source TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, tries INTEGER NOT NULL DEFAULT 0, accepted_at REAL NOT NULL,
+    window_start REAL NOT NULL, not_before REAL NOT NULL, lease_until REAL, last_error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX jobs_version ON jobs (resource_type, resource_id, version_id) WHERE version_id <> '';
+CREATE INDEX jobs_ready ON jobs (state, not_before);
+CREATE TABLE checkpoints (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE event_numbers (subscription TEXT PRIMARY KEY, number INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE own_writes (
+    claim_id TEXT NOT NULL, version_id TEXT NOT NULL, written_at REAL NOT NULL,
+    PRIMARY KEY (claim_id, version_id)
+) WITHOUT ROWID;
+INSERT INTO jobs (kind, resource_type, resource_id, version_id, source, state, accepted_at, window_start, not_before, updated_at)
+    VALUES ('resource', 'Claim', 'c1', '1', 'rest-hook', 'done', 1, 1, 1, 1);
+INSERT INTO jobs (kind, resource_type, resource_id, version_id, source, state, accepted_at, window_start, not_before, lease_until, updated_at)
+    VALUES ('resource', 'Encounter', 'e1', '3', 'rest-hook', 'pending', 1, 1, 1, 9e15, 1);
+INSERT INTO jobs (kind, resource_type, resource_id, version_id, source, state, accepted_at, window_start, not_before, updated_at)
+    VALUES ('catch-up', 'Subscription', 'catch-up', '', 'timer', 'pending', 1, 1, 1, 1);
+INSERT INTO jobs (kind, resource_type, resource_id, version_id, source, state, accepted_at, window_start, not_before, lease_until, updated_at)
+    VALUES ('catch-up', 'Subscription', 'catch-up', '', 'timer', 'pending', 2, 2, 2, 9e15, 2);
+INSERT INTO checkpoints VALUES ('lastUpdated', '2026-07-24T12:00:00Z');
+INSERT INTO event_numbers VALUES ('Subscription/s1', 21);
+INSERT INTO own_writes VALUES ('c1', '2', 1);
+PRAGMA user_version=1;
+"""
+
+
+def test_a_schema_1_queue_opens_and_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "q.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_1)
+    db.close()
+
+    with JobQueue(path) as queue:
+        done, superseded = queue.list("done")
+        assert (done.resource_id, done.last_updated, done.leased_by) == ("c1", "", None)
+        assert superseded.kind == CATCH_UP and "one catch-up at a time" in (superseded.last_error or "")
+        assert queue.get_checkpoint("lastUpdated") == "2026-07-24T12:00:00Z"
+        assert queue.last_event_number("Subscription/s1") == 21
+        assert queue.is_own_write("c1", "2")
+        # The piled-up catch-ups are one; the lease of the old service (no holder) ends.
+        assert [j.kind for j in queue.list("pending")] == ["resource", "catch-up"]
+        assert queue.reclaim_abandoned() == 1
+        assert claim(queue, time.time()).resource_id == "e1"
+        # The old (type, id, version) index is gone: version 1 with its lastUpdated is new work.
+        assert queue.enqueue("resource", "Claim", "c1", "1", None, "rest-hook", AFTER_RESET)
+        assert not queue.enqueue("resource", "Claim", "c1", "1", None, "rest-hook", AFTER_RESET)
+
+    def schema() -> tuple[int, set[str]]:
+        db = sqlite3.connect(path)
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            return version, {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        finally:
+            db.close()
+
+    version, indexes = schema()
+    assert version == 2 and "jobs_version" not in indexes and "jobs_key" in indexes
+    with JobQueue(path) as queue:  # opening a migrated file changes nothing
+        assert queue.counts() == {"pending": 3, "done": 2, "dead": 0}
+    assert schema() == (version, indexes)
 
 
 def test_kill_9_loses_no_accepted_job(tmp_path: Path) -> None:
