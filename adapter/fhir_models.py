@@ -6,13 +6,46 @@ back goes through `validate` first.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
 
 from .errors import InvalidResource
 
-__all__ = ["validate"]
+__all__ = ["is_resource_type", "validate"]
+
+# Abstract bases: models exist for them, but no resource has these types.
+_ABSTRACT = frozenset({"Resource", "DomainResource"})
+
+
+def is_resource_type(name: str) -> bool:
+    """True when `name` is, exactly (case-sensitively), a concrete R4 (R4B model) resource type.
+
+    `Encounter` yes; `encounter`, `ENCOUNTER`, a data type such as `Address` or the abstract
+    `Resource` no. The caches hold at most one entry per model, whatever names are asked about:
+    names come from HTTP requests.
+    """
+    canonical = _model_names().get(name.lower())
+    return canonical == name and _is_concrete_resource(canonical)
+
+
+@lru_cache(maxsize=1)
+def _model_names() -> dict[str, str]:
+    """Every model name the package declares (resources, data types, backbone elements), by
+    its lower-case spelling; reading the type table imports no model."""
+    from fhir.resources.R4B import fhirtypes
+
+    return {n[:-4].lower(): n[:-4] for n in dir(fhirtypes) if n.endswith("Type") and n[:1].isupper()}
+
+
+@lru_cache(maxsize=None)
+def _is_concrete_resource(name: str) -> bool:
+    # Called with names of _model_names() only, so the cache stays bounded. Imports that one model.
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    return name not in _ABSTRACT and issubclass(get_fhir_model_class(name), Resource)
 
 
 def validate(resource: dict[str, Any], source: str = "") -> None:

@@ -76,6 +76,8 @@ class Settings:
     retry_max_attempts: int = 4
     retry_after_cap: float = 60.0
     max_body_bytes: int = 5 * 1024 * 1024
+    # More events than this in one notification Bundle become one catch-up job, not one job each.
+    max_events: int = 1000
     # HAPI drops a notification after about a minute of failed deliveries, so once we have
     # accepted a job we are its only copy: keep retrying through a long weekend's outage.
     queue_retry_for: float = 3 * 86400.0
@@ -113,6 +115,7 @@ class Settings:
             ),
             retry_after_cap=env.seconds("G0129_RETRY_AFTER_CAP", defaults.retry_after_cap),
             max_body_bytes=env.positive_int("G0129_MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_events=env.positive_int("G0129_MAX_EVENTS", defaults.max_events),
             queue_retry_for=env.seconds("G0129_QUEUE_RETRY_FOR", defaults.queue_retry_for),
             dead_letter_attempts=env.positive_int(
                 "G0129_DEAD_LETTER_ATTEMPTS", defaults.dead_letter_attempts
