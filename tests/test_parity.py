@@ -30,7 +30,7 @@ from adapter.ruleset import RuleSet
 from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM
 from adapter.worker import RESOURCE, Worker
 
-from .conftest import FIXTURES, serve
+from .conftest import AUTH, FIXTURES, serve
 from .fakefhir import FakeFHIR, rewrite_references
 from .golden import claims_by_fixture
 
@@ -147,13 +147,32 @@ def _as_bundle(fixture: Path) -> bytes:
 def test_evaluate_endpoint_decides_every_fixture_as_replay_does(
     tmp_path: Path, replayed: dict[Path, list[dict[str, Any]]], replay_decisions: dict[str, dict[str, Any]]
 ) -> None:
+    """`POST /$evaluate` answers a collection Bundle: the annotated Claims, a Parameters with a
+    `decision` (valueString: the decision JSON) per decision, an OperationOutcome per input error."""
+
+    def exact(resources: list[dict[str, Any]]) -> list[bytes]:
+        return [jsonio.dumps(r, option=orjson.OPT_SORT_KEYS) for r in resources]
+
     async def test(client: httpx.AsyncClient, app: Any) -> None:
         for fixture in SCENARIOS:
-            r = await client.post("/$evaluate", content=_as_bundle(fixture))
+            r = await client.post("/$evaluate", content=_as_bundle(fixture), headers=AUTH)
             assert r.status_code == 200, fixture.name
-            body = r.json()
-            for decision in body["decisions"]:
+            assert r.headers["content-type"].startswith("application/fhir+json")
+            bundle = jsonio.loads(r.content)
+            assert (bundle["resourceType"], bundle["type"]) == ("Bundle", "collection")
+            resources = [entry["resource"] for entry in bundle["entry"]]
+            decisions = [
+                jsonio.loads(p["valueString"])
+                for resource in resources
+                if resource["resourceType"] == "Parameters"
+                for p in resource["parameter"]
+                if p["name"] == "decision"
+            ]
+            claims = [resource for resource in resources if resource["resourceType"] == "Claim"]
+            assert decisions, fixture.name
+            for decision in decisions:
                 assert decision == replay_decisions[decision["encounter"]], fixture.name
-            assert body["claims"] == replayed.get(fixture.resolve(), []), fixture.name
+            # The same Claims, digit for digit (a decimal keeps its text).
+            assert exact(claims) == exact(replayed.get(fixture.resolve(), [])), fixture.name
 
     serve(tmp_path, test)
