@@ -141,7 +141,13 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
     }
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
-            operation.get("responses", {}).pop("422", None)
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            for response in responses.values():
+                schema = response.get("content", {}).get(FHIR_JSON, {}).get("schema", {})
+                # FastAPI gives a non-JSON media type `"type": "string"` and merges ours into it.
+                if "$ref" in schema or "anyOf" in schema:
+                    schema.pop("type", None)
     return document
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import orjson
 import pytest
 import respx
+import schemathesis
 
 from adapter import jsonio
 from adapter.errors import UsageError
@@ -21,10 +23,13 @@ from adapter.service import FHIR_JSON, create_app
 from adapter.settings import Settings
 
 from .conftest import AUTH, BASE, FIXTURES, TOKEN, serve
+from .conftest import settings as make_settings
 from .fakefhir import FakeFHIR
 
 GOOD = FIXTURES / "01-medicare-php-hospital.json"
 INVALID_STATUS = FIXTURES / "56-invalid-procedure-status.json"
+# Requests the fuzz test makes, over all operations, valid and invalid: a few seconds.
+FUZZ_EXAMPLES = 200
 
 
 @pytest.fixture
@@ -600,3 +605,45 @@ def test_the_openapi_document_says_what_the_service_does(tmp_path: Path) -> None
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
     serve(tmp_path, test)
+
+
+# -- fuzzing: schemathesis against the service's own OpenAPI document, in process ----------------
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_every_answer_is_documented(tmp_path: Path) -> None:
+    """Requests made from the service's own OpenAPI document, valid and invalid (schemathesis,
+    in process through the ASGI app), with the token (without it every answer is a 401, tested
+    above): no 5xx, each answer's status, media type and body are what the document says, and
+    the service still answers."""
+    # A FHIR server that answers /metadata, so /readyz is ready (and nothing leaves the process).
+    server = httpx.MockTransport(lambda request: httpx.Response(200, json={"resourceType": "CapabilityStatement"}))
+    app = create_app(make_settings(tmp_path), run_worker=False, transport=server)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    cases = hypothesis.strategies.one_of(
+        schema.as_strategy(schemathesis.GenerationMode.POSITIVE, headers=AUTH),
+        schema.as_strategy(schemathesis.GenerationMode.NEGATIVE, headers=AUTH),
+    )
+    checks = [
+        schemathesis.checks.not_a_server_error,
+        schemathesis.checks.status_code_conformance,
+        schemathesis.checks.content_type_conformance,
+        schemathesis.checks.response_schema_conformance,
+    ]
+
+    @hypothesis.given(cases)
+    @hypothesis.settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,  # the same cases every run: a failure here is reproducible
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    def fuzz(case: Any) -> None:
+        case.validate_response(case.call(headers=AUTH), checks=checks)
+
+    try:
+        fuzz()
+        with schemathesis.python.asgi.get_client(app) as client:
+            assert client.get("/healthz").json() == {"status": "alive"}
+    finally:
+        schemathesis.python.asgi.shutdown_lifespans()
