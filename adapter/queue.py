@@ -478,14 +478,19 @@ class JobQueue:
     def purge(self, state: JobState, before: float | None = None) -> int:
         """Delete done or dead jobs (last touched before `before`, if given); returns how many.
 
-        Pending jobs cannot be purged: they are work we promised to do.
+        Pending jobs cannot be purged: they are work we promised to do. Purging done jobs also
+        forgets the Claim versions we wrote before `before`: like done jobs, they only serve to
+        recognise repeats (our own write's echo comes within seconds), and after a FHIR server
+        reset a recreated Claim may reach a version number we once wrote.
         """
         if state not in ("done", "dead"):
             raise UsageError(f"only done or dead jobs can be purged, not {state}")
+        cutoff = float("inf") if before is None else before
         with self._transaction() as db:
+            if state == "done":
+                db.execute("DELETE FROM own_writes WHERE written_at < ?", (cutoff,))
             return db.execute(
-                "DELETE FROM jobs WHERE state = ? AND updated_at < ?",
-                (state, float("inf") if before is None else before),
+                "DELETE FROM jobs WHERE state = ? AND updated_at < ?", (state, cutoff)
             ).rowcount
 
     def counts(self) -> dict[JobState, int]:
@@ -536,6 +541,12 @@ class JobQueue:
                 (subscription, number),
             )
         return None if row is None else int(row[0])
+
+    def forget_event_number(self, subscription: str) -> None:
+        """Start a Subscription's event numbers afresh (its handshake: it was created or
+        re-activated, perhaps on a server that was reset, and counts from 1 again)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM event_numbers WHERE subscription = ?", (subscription,))
 
     def record_own_write(self, claim_id: str, version_id: str) -> None:
         """Remember that we wrote this Claim version, so its notification is not work."""

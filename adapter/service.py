@@ -306,6 +306,10 @@ def create_app(
             return _fhir(operation_outcome("information", "informational", "accepted: catch-up queued"))
         note = await asyncio.to_thread(parse_bundle_notification, body)
         metrics.notifications.labels(note.kind).inc()
+        if note.kind == "handshake" and note.subscription:
+            # A Subscription (re)starting counts its events from 1 again: after a server reset
+            # the numbers we kept would hide every gap.
+            await asyncio.to_thread(queue.forget_event_number, note.subscription)
         if note.subscription and note.events_since_start is not None:
             last = await asyncio.to_thread(queue.last_event_number, note.subscription)
             counted = note.kind in ("event-notification", "query-event")

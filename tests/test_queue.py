@@ -447,6 +447,30 @@ def test_event_numbers_only_move_forward(queue: JobQueue) -> None:
     assert queue.last_event_number("Subscription/s2") is None
 
 
+def test_a_handshake_starts_event_numbers_afresh(queue: JobQueue) -> None:
+    queue.record_event_number("Subscription/s1", 500)
+    queue.record_event_number("Subscription/s2", 7)
+
+    queue.forget_event_number("Subscription/s1")
+
+    assert queue.last_event_number("Subscription/s1") is None
+    assert queue.record_event_number("Subscription/s1", 1) is None
+    assert queue.last_event_number("Subscription/s2") == 7
+
+
+def test_purging_done_jobs_forgets_our_old_writes_too(queue: JobQueue, clock: Clock) -> None:
+    queue.record_own_write("c1", "4")
+    clock.now = T0 + 100
+    queue.record_own_write("c2", "2")
+
+    queue.purge("done", before=T0 + 50)
+    assert not queue.is_own_write("c1", "4") and queue.is_own_write("c2", "2")
+    queue.purge("dead")
+    assert queue.is_own_write("c2", "2")
+    queue.purge("done")  # `g0129 queue purge --state done`, after a server reset
+    assert not queue.is_own_write("c2", "2")
+
+
 def test_own_writes(queue: JobQueue) -> None:
     queue.record_own_write("c1", "4")
     queue.record_own_write("c1", "4")  # idempotent

@@ -195,6 +195,21 @@ def test_event_number_gap_triggers_a_catch_up(tmp_path: Path) -> None:
     serve(tmp_path, test)
 
 
+def test_a_handshake_restarts_the_event_numbers_of_its_subscription(tmp_path: Path) -> None:
+    """After a server reset the Subscription is made again and counts from 1: gaps must show."""
+
+    async def test(client: httpx.AsyncClient, app: Any) -> None:
+        await client.post("/notify", content=backport("event-notification", [(500, "Claim/a")], 500), headers=AUTH)
+        await client.post("/notify", content=backport("handshake", [], 0), headers=AUTH)
+        assert app.state.queue.last_event_number("Subscription/s1") is None
+        await client.post("/notify", content=backport("event-notification", [(1, "Claim/b")], 1), headers=AUTH)
+        assert not any(j[0] == "catch-up" for j in jobs(app))
+        await client.post("/notify", content=backport("event-notification", [(3, "Claim/c")], 3), headers=AUTH)
+        assert ("catch-up", "Subscription", "catch-up", "") in jobs(app), "event 2 was missed"
+
+    serve(tmp_path, test)
+
+
 def test_heartbeat_reporting_more_events_than_seen_triggers_a_catch_up(tmp_path: Path) -> None:
     async def test(client: httpx.AsyncClient, app: Any) -> None:
         await client.post("/notify", content=backport("event-notification", [(5, "Claim/a")], 5), headers=AUTH)
