@@ -33,8 +33,10 @@ from .fhir_models import is_resource_type
 from .ingest import _known_resource_type
 
 __all__ = [
+    "ID_PATTERN",
     "MAX_DEPTH",
     "MAX_EVENT_NUMBER",
+    "TYPE_PATTERN",
     "Change",
     "Notification",
     "check_depth",
@@ -54,8 +56,11 @@ MAX_DEPTH = 64
 # Event numbers are FHIR integer64 (events-since-subscription-start, eventNumber).
 MAX_EVENT_NUMBER = 2**63 - 1
 
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
+# FHIR's id; and the shape of a resource type name (which ones exist, the models say).
+ID_PATTERN = r"[A-Za-z0-9\-.]{1,64}"
+TYPE_PATTERN = r"[A-Z][A-Za-z]{0,63}"
+_ID = re.compile(ID_PATTERN)
+_TYPE = re.compile(TYPE_PATTERN)
 _NUMBER = re.compile(r"-?[0-9]+")
 _INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
 

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import notifications
+
 __all__ = [
+    "CLAIM_EXAMPLE",
+    "EVALUATE_EXAMPLES",
+    "EVALUATE_RESULT_EXAMPLE",
     "FHIR_JSON",
     "ID_PATTERN",
+    "NOTIFY_EXAMPLES",
+    "SCHEMAS",
     "TYPE_PATTERN",
     "complete",
     "error_responses",
@@ -23,8 +30,9 @@ __all__ = [
 ]
 
 FHIR_JSON = "application/fhir+json"
-TYPE_PATTERN = "^[A-Z][A-Za-z]{0,63}$"
-ID_PATTERN = "^[A-Za-z0-9\\-.]{1,64}$"
+# As the intake checks them, anchored for JSON Schema.
+TYPE_PATTERN = f"^{notifications.TYPE_PATTERN}$"
+ID_PATTERN = f"^{notifications.ID_PATTERN}$"
 
 _REF = "#/components/schemas/"
 
