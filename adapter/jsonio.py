@@ -50,7 +50,10 @@ def loads(data: bytes | str) -> Any:
     raw = data.encode() if isinstance(data, str) else data
     if _DECIMAL.search(raw):
         # orjson has already judged the document valid JSON; this reading only keeps the text.
-        return json.loads(raw, parse_float=FhirDecimal, parse_constant=_reject_constant)
+        try:
+            return json.loads(raw, parse_float=FhirDecimal, parse_constant=_reject_constant)
+        except RecursionError:  # the standard library recurses: a document nested ~1,000 deep
+            raise orjson.JSONDecodeError("nested too deeply to be read", raw.decode(errors="replace")[:80], 0) from None
     return value
 
 
