@@ -37,6 +37,7 @@ SQLite's write lock up front (`BEGIN IMMEDIATE`), so two workers never claim the
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import re
 import sqlite3
@@ -61,6 +62,8 @@ if sys.platform != "win32":
     import fcntl
 
 __all__ = ["CATCH_UP", "QUEUE_BACKOFF", "Job", "JobQueue", "JobState", "NewJob"]
+
+log = logging.getLogger(__name__)
 
 # The kind of the catch-up job (worker.CATCH_UP is the same word): at most one is pending.
 CATCH_UP = "catch-up"
@@ -352,8 +355,12 @@ class JobQueue:
                 job = Job(**row)
                 attempts = job.attempts + (job.lease_until is not None)
                 if attempts >= self._dead_letter_attempts:
-                    self._set_state(
-                        db, job.id, "dead", f"its worker stopped {attempts} times mid-job", now
+                    reason = f"its worker stopped {attempts} times mid-job"
+                    self._set_state(db, job.id, "dead", reason, now)
+                    log.error(
+                        "job %s dead-lettered: %s", job.id, reason,
+                        extra={"event": "dead-letter", "job": job.id, "resource": f"{job.resource_type}/{job.resource_id}",
+                               "error": reason, "tries": attempts},
                     )
                     continue
                 lease_until = now + self._lease_seconds

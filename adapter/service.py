@@ -123,8 +123,9 @@ def create_app(
     queue = JobQueue.from_settings(settings, clock)
     metrics = Metrics(queue.counts, rules.version)
 
-    def count_retry(_: FHIRError) -> None:
+    def count_retry(error: FHIRError) -> None:
         metrics.retries.labels("http").inc()
+        log.warning("FHIR request retried: %s", error, extra={"event": "retry", "kind": "http", "error": str(error)})
 
     client = FHIRClient.from_settings(settings, transport=transport, on_retry=count_retry)
     # Readiness must answer fast: one try, a short timeout.
