@@ -18,7 +18,16 @@ from zoneinfo import ZoneInfo
 
 from .ingest import Entry, Index
 from .ruleset import PayerPolicy, RuleSet
-from .vocabulary import LINE_EXTENSION, claim_encounter_references, draft_identifier, ehr_view, is_candidate_claim
+from .vocabulary import (
+    CLAIM_STATUSES,
+    COVERAGE_STATUSES,
+    ENCOUNTER_STATUSES,
+    LINE_EXTENSION,
+    claim_encounter_references,
+    draft_identifier,
+    ehr_view,
+    is_candidate_claim,
+)
 
 __all__ = [
     "Case",
@@ -419,6 +428,34 @@ class _Builder:
             return self._site_zone, f"{self.rules.time_zone} (the site time zone, site.yaml)"
         return None, ""
 
+    def invalid_values(
+        self, enc: Entry, claim: Entry | None, coverage: Resource | None, cov_key: str | None, cov_context: Entry | None
+    ) -> Iterator[InputProblem]:
+        """Values the rules read from the Encounter, the Claim and the Coverage that FHIR does
+        not allow: a status outside its value set, a date or dateTime that is none."""
+        checks: list[tuple[Entry | None, str, str, Any, str]] = []
+        res = enc.resource
+        period = _object(res.get("period"))
+        checks += [(enc, enc.key, "Encounter.status", res.get("status"), "status")]
+        checks += [(enc, enc.key, f"Encounter.period.{k}", period.get(k), "dateTime") for k in ("start", "end")]
+        if claim is not None:
+            checks.append((claim, claim.key, "Claim.status", claim.resource.get("status"), "claim-status"))
+            for n, item in enumerate(claim.resource.get("item") or ()):
+                if isinstance(item, dict):
+                    checks.append((claim, claim.key, f"Claim.item[{n}].servicedDate", item.get("servicedDate"), "date"))
+        if coverage is not None and cov_key is not None:
+            cov_period = _object(coverage.get("period"))
+            checks.append((cov_context, cov_key, "Coverage.status", coverage.get("status"), "coverage-status"))
+            checks += [(cov_context, cov_key, f"Coverage.period.{k}", cov_period.get(k), "dateTime") for k in ("start", "end")]
+        allowed = {"status": ENCOUNTER_STATUSES, "claim-status": CLAIM_STATUSES, "coverage-status": COVERAGE_STATUSES}
+        for entry, key, element, value, kind in checks:
+            source = entry.source if entry is not None else ""
+            if kind in allowed:
+                if value not in allowed[kind]:
+                    yield InputProblem(source, key, element, str(value), f"{value!r} is not a code of the {element} value set")
+            elif value is not None and not (_valid_datetime(value) and (kind != "date" or len(str(value)) == 10)):
+                yield InputProblem(source, key, element, str(value), f"{value!r} is not a FHIR {kind}")
+
     def _status_class(self, status: Any) -> str | None:
         """counted | review | invalid, or None for a record that is no session at all."""
         if status in self.rules.counted_session_statuses:
@@ -687,6 +724,7 @@ class _Builder:
         cov_key, coverage, cov_context = self.coverage(view, patient, first_date)
         payer, payer_name, policy = self.payer(coverage, cov_context)
         period = _object((coverage or {}).get("period"))
+        problems.extend(self.invalid_values(enc, view, coverage, cov_key, cov_context))
         cls = res.get("class")
         encounter_class = (
             next((c for s, c in _keyed({"coding": [cls]}, self.rules) if s == "act_code"), None)

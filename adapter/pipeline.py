@@ -78,15 +78,17 @@ def evaluate(
     decisions: list[Decision] = []
     claims: dict[str, AnnotatedClaim] = {}
     errors: list[InputError] = []
+    reported: set[tuple[str, str]] = set()
     # In date order, whatever order the inputs came in (a file, a server's search): the lines
     # added to a Claim billing several days follow the days, on every path alike.
     cases = sorted(build_cases(index, rules, encounters), key=lambda c: (c.encounter_date or "", c.encounter))
     for done, case in enumerate(cases, start=1):
         decision = decide(case, rules)
         decisions.append(decision)
-        errors.extend(
-            InvalidElement(p.message, p.source, p.resource, p.element, p.value) for p in case.input_problems
-        )
+        for p in case.input_problems:
+            if (p.resource, p.element) not in reported:  # a Coverage two days share, reported once
+                reported.add((p.resource, p.element))
+                errors.append(InvalidElement(p.message, p.source, p.resource, p.element, p.value))
         if case.claim is not None:
             key, source, original = case.claim.key, case.claim.source, case.claim.resource
             base = original

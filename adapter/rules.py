@@ -78,6 +78,15 @@ def plan_lines(case: Case, rules: RuleSet) -> Plan:
 Rule = Callable[[Case, Plan, RuleSet, list[str]], list[Finding]]
 
 
+def _input(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    # The sessions' own values are SESSION-STATUS's and SESSION-TIMES's to report.
+    return [
+        _found(rules, "INPUT", "invalid_value", f"{p.element} {p.message} (an input error): the encounter is not billed until it is fixed.", p.resource)
+        for p in case.input_problems
+        if not p.element.startswith("Procedure.")
+    ]
+
+
 def _program(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     if case.program:
         return []
@@ -406,6 +415,7 @@ def _documentation(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
 
 
 RULES: dict[str, Rule] = {
+    "INPUT": _input,
     "PROGRAM": _program,
     "IOP-DATE": _iop_date,
     "SESSION-STATUS": _session_status,
@@ -430,6 +440,7 @@ RULES: dict[str, Rule] = {
 # The kinds of finding each rule gives; rules.yaml gives each its severity, and loading the
 # tables checks the two agree (a kind missing there or unknown here is a table error).
 FINDING_KINDS: dict[str, tuple[str, ...]] = {
+    "INPUT": ("invalid_value",),
     "PROGRAM": ("both_programs", "claim_without_program", "no_claim_no_program"),
     "IOP-DATE": ("before_start",),
     "SESSION-STATUS": ("not_completed", "invalid_status"),

@@ -23,6 +23,9 @@ __all__ = [
     "LINE_EXTENSION",
     "LINE_FLAG_EXTENSION",
     "TAG_SYSTEM",
+    "CLAIM_STATUSES",
+    "COVERAGE_STATUSES",
+    "ENCOUNTER_STATUSES",
     "claim_encounter_references",
     "draft_identifier",
     "ehr_view",
@@ -56,6 +59,14 @@ DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
 CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
 
 _INACTIVE_CLAIM = ("cancelled", "entered-in-error")
+
+# FHIR R4 required value sets of the status elements the rules read (a shape of FHIR, not a
+# billing fact): any other value is an input error.
+ENCOUNTER_STATUSES = frozenset(
+    ("planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error", "unknown")
+)
+COVERAGE_STATUSES = frozenset(("active", "cancelled", "draft", "entered-in-error"))
+CLAIM_STATUSES = COVERAGE_STATUSES  # both bind to fm-status
 
 
 def claim_encounter_references(claim: Resource) -> Iterator[Any]:

@@ -493,3 +493,37 @@ def test_every_code_system_is_known_by_its_oid_too(ruleset: RuleSet) -> None:
     without_oid = {"bill_type", "condition_code", "carin_supporting_info"}
     for key in set(ruleset.canonical_systems) - without_oid:
         assert any(uri.startswith("urn:oid:") and k == key for uri, k in ruleset.system_keys.items()), key
+
+
+# -- INPUT --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "role,element,value",
+    [
+        ("encounter", "status", "done"),
+        ("encounter", "period", {"start": "yesterday"}),
+        ("coverage", "status", "in force"),
+        ("coverage", "period", {"start": "2024-13-01"}),
+    ],
+)
+def test_an_invalid_value_the_rules_read_is_never_billed(ruleset: RuleSet, role: str, element: str, value: Any) -> None:
+    r = php_day()
+    r[role][element] = value
+    d = decision_of(r, ruleset)
+    subject = {"encounter": "Encounter/e1", "coverage": "Coverage/cov1"}[role]
+    assert d.outcome != "bill" and findings(d, "INPUT") == [("review", subject)]
+
+
+def test_an_invalid_claim_line_date_is_an_input_error_in_the_run(ruleset: RuleSet) -> None:
+    from adapter.ingest import Entry, Index
+    from adapter.pipeline import evaluate
+
+    r = php_day()
+    r["claim"]["item"][0]["servicedDate"] = "03/04/2025"
+    index = Index()
+    for resource in r.values():
+        index.add(Entry(resource, "day.json"))
+    run = evaluate(index, ruleset)
+    [error] = [e for e in run.errors if type(e).__name__ == "InvalidElement"]
+    assert (error.resource, error.element, error.value) == ("Claim/cl1", "Claim.item[0].servicedDate", "03/04/2025")
+    assert run.decisions[0].outcome == "review"
