@@ -48,6 +48,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, get_args
@@ -107,9 +108,10 @@ CREATE TABLE IF NOT EXISTS event_numbers (
     number       INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS own_writes (
-    claim_id   TEXT NOT NULL,
-    version_id TEXT NOT NULL,
-    written_at REAL NOT NULL,
+    claim_id     TEXT NOT NULL,
+    version_id   TEXT NOT NULL,
+    written_at   REAL NOT NULL,
+    last_updated TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (claim_id, version_id)
 ) WITHOUT ROWID;
 """
@@ -221,6 +223,8 @@ class JobQueue:
             for name, declaration in _ADDED_COLUMNS:
                 if name not in columns:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            if "last_updated" not in {row[1] for row in db.execute("PRAGMA table_info(own_writes)")}:
+                db.execute("ALTER TABLE own_writes ADD COLUMN last_updated TEXT NOT NULL DEFAULT ''")
             _execute_script(db, _INDEXES)
             # Schema 1 let catch-up jobs pile up (one more per restart during an outage): keep
             # the oldest pending one.
@@ -555,24 +559,30 @@ class JobQueue:
         with self._transaction() as db:
             db.execute("DELETE FROM event_numbers WHERE subscription = ?", (subscription,))
 
-    def record_own_write(self, claim_id: str, version_id: str) -> None:
-        """Remember that we wrote this Claim version, so its notification is not work."""
+    def record_own_write(self, claim_id: str, version_id: str, last_updated: str | None = None) -> None:
+        """Remember that we wrote this Claim version (at the server's `last_updated`, when it
+        said), so its notification is not work."""
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO own_writes (claim_id, version_id, written_at) VALUES (?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (claim_id, version_id, self._clock()),
+                "INSERT INTO own_writes (claim_id, version_id, written_at, last_updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (claim_id, version_id) DO UPDATE SET written_at = excluded.written_at,"
+                " last_updated = excluded.last_updated",
+                (claim_id, version_id, self._clock(), _instant_key(last_updated)),
             )
 
-    def is_own_write(self, claim_id: str, version_id: str) -> bool:
+    def is_own_write(self, claim_id: str, version_id: str, last_updated: str | None = None) -> bool:
+        """Whether we wrote this Claim version. When both the write and the notification say
+        when the version was made, they must agree: a server reset that makes the Claim anew
+        reaches the same version numbers with other content, and that is work."""
         with self._lock:
-            return (
-                self._db.execute(
-                    "SELECT 1 FROM own_writes WHERE claim_id = ? AND version_id = ?",
-                    (claim_id, version_id),
-                ).fetchone()
-                is not None
-            )
+            row = self._db.execute(
+                "SELECT last_updated FROM own_writes WHERE claim_id = ? AND version_id = ?",
+                (claim_id, version_id),
+            ).fetchone()
+        if row is None:
+            return False
+        ours, theirs = row[0], _instant_key(last_updated)
+        return not ours or not theirs or ours == theirs
 
     # --- internals --------------------------------------------------------------------------
 
@@ -664,3 +674,17 @@ def _last_updated_of(payload: bytes | None) -> str:
 def _check_state(state: str) -> None:
     if state not in get_args(JobState):
         raise UsageError(f"no such job state {state!r}; use one of {', '.join(get_args(JobState))}")
+
+
+def _instant_key(value: str | None) -> str:
+    """An instant in one spelling (UTC, milliseconds), so `...Z` and `...+00:00` compare equal;
+    '' when absent or unreadable."""
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    if moment.tzinfo is None:
+        return ""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")

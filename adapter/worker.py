@@ -165,7 +165,11 @@ class Worker:
             return
         payload: dict[str, Any] | None = jsonio.loads(job.payload) if job.payload else None
         change = Change(job.resource_type, job.resource_id, job.version_id, payload)
-        if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(change.resource_id, change.version_id):
+        # The job's lastUpdated (from the notification or the catch-up) tells a version we wrote
+        # from one a reset server made anew under the same number.
+        if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(
+            change.resource_id, change.version_id, job.last_updated or None
+        ):
             self.metrics.writebacks.labels("own-echo").inc()
             log.debug("%s/_history/%s is our own write", change.resource_type, change.version_id, extra={"event": "own-echo", "job": job.id, "resource": _resource(job)})
             return

@@ -145,10 +145,13 @@ def _version_from(entry: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 class Writer:
-    """Writes annotated Claims through `client`. `on_write(claim_id, version)` is told of every
-    version we create, for the loop guard; `dry_run` computes and diffs, and writes nothing."""
+    """Writes annotated Claims through `client`. `on_write(claim_id, version, last_modified)` is
+    told of every version we create (with the instant the server gave it, when it says), for the
+    loop guard; `dry_run` computes and diffs, and writes nothing."""
 
-    def __init__(self, client: FHIRClient, on_write: Callable[[str, str], None] | None = None, dry_run: bool = False) -> None:
+    def __init__(
+        self, client: FHIRClient, on_write: Callable[[str, str, str | None], None] | None = None, dry_run: bool = False
+    ) -> None:
         self.client = client
         self.on_write = on_write
         self.dry_run = dry_run
@@ -208,7 +211,8 @@ class Writer:
         if version and expected and version != expected and not status.startswith("200"):
             log.warning("%s: the server wrote version %s, the Provenance names %s", name, version, target)
         if self.on_write and rid and version:
-            await asyncio.to_thread(self.on_write, rid, version)
+            modified = (entries[0].get("response") or {}).get("lastModified")
+            await asyncio.to_thread(self.on_write, rid, version, modified if isinstance(modified, str) else None)
         result = "created" if status.startswith("201") else "updated"
         return WriteResult(f"Claim/{rid}", result, version, decisions=decisions)
 

@@ -290,5 +290,6 @@ class FakeFHIR:
                 "status": f"{status} {'Created' if status == 201 else 'OK'}",
                 "location": f"{stored['resourceType']}/{stored['id']}/_history/{version}",
                 "etag": f'W/"{version}"',
+                "lastModified": stored["meta"]["lastUpdated"],
             }})
         return self._json(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": out})

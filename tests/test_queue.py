@@ -641,3 +641,12 @@ def test_from_settings_puts_the_file_in_the_data_dir(tmp_path: Path) -> None:
     with JobQueue.from_settings(settings) as queue:
         assert queue.path == tmp_path / "state" / "queue.sqlite3"
         assert queue.path.exists()
+
+
+def test_an_own_write_is_told_from_a_version_a_reset_server_made_anew(tmp_path: Path) -> None:
+    with JobQueue(tmp_path / "q.sqlite3") as queue:
+        queue.record_own_write("c1", "2", "2026-01-01T00:00:00.010Z")
+        assert queue.is_own_write("c1", "2", "2026-01-01T00:00:00.01+00:00"), "the same instant, spelt otherwise"
+        assert queue.is_own_write("c1", "2"), "a notification without lastUpdated: the version decides"
+        assert not queue.is_own_write("c1", "2", "2026-03-09T12:00:00Z"), "version 2 again, after a reset"
+        assert not queue.is_own_write("c1", "3")
