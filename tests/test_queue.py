@@ -79,6 +79,13 @@ def claim(queue: JobQueue, now: float) -> Job:
 # --- enqueue and dedup ---------------------------------------------------------------------
 
 
+
+def _python(script: str) -> subprocess.Popen[str]:
+    """Another Python process running `script` against this repository's code."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+
 def test_enqueue_then_claim_returns_the_job(queue: JobQueue) -> None:
     assert add(queue) is True
 
@@ -247,13 +254,7 @@ def test_leases_of_a_killed_process_are_reclaimed_at_start(tmp_path: Path) -> No
         time.sleep(60)
         """
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    child = _python(script)
     try:
         assert child.stdout is not None
         assert child.stdout.readline().startswith("leased")
@@ -591,13 +592,7 @@ def test_kill_9_loses_no_accepted_job(tmp_path: Path) -> None:
         time.sleep(60)
         """
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    child = _python(script)
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "accepted"

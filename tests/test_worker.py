@@ -209,13 +209,19 @@ def test_timeouts_and_429_retry_after(worker: Worker, fake: FakeFHIR, clock: Clo
     assert job.not_before == pytest.approx(clock.now + 120)
 
 
-def test_dead_letter_after_n_failures_retrying_cannot_fix(worker: Worker, fake: FakeFHIR, clock: Clock) -> None:
+def _fail_until_dead(worker: Worker, fake: FakeFHIR, clock: Clock) -> Job:
+    """A job the server answers 400 every time, run until the queue gives up (3 attempts)."""
     fake.fail_next = [400] * 10
     worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
     for _ in range(3):
         [job] = worker.queue.list("pending")
         clock.now = max(clock.now, job.not_before)
         run(worker)
+    return job
+
+
+def test_dead_letter_after_n_failures_retrying_cannot_fix(worker: Worker, fake: FakeFHIR, clock: Clock) -> None:
+    _fail_until_dead(worker, fake, clock)
     [dead] = worker.queue.list("dead")
     assert "400" in (dead.last_error or "")
     assert metric(worker, "g0129_dead_letters_total") == 1
@@ -327,12 +333,7 @@ def test_a_conflict_is_logged_with_the_claim_and_its_encounters(worker: Worker, 
 
 
 def test_retries_and_the_dead_letter_are_logged(worker: Worker, fake: FakeFHIR, clock: Clock, logs: pytest.LogCaptureFixture) -> None:
-    fake.fail_next = [400] * 10
-    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
-    for _ in range(3):
-        [job] = worker.queue.list("pending")
-        clock.now = max(clock.now, job.not_before)
-        run(worker)
+    job = _fail_until_dead(worker, fake, clock)
     retries, [dead] = events(logs, "retry"), events(logs, "dead-letter")
     assert [(r.outcome, r.tries) for r in retries] == [("pending", 1), ("pending", 2)]  # type: ignore[attr-defined]
     assert dead.levelno == logging.ERROR
