@@ -17,7 +17,7 @@ import respx
 from adapter.vocabulary import DECISION_EXTENSION, TAG_SYSTEM
 from adapter.fhir_client import FHIRClient
 from adapter.metrics import Metrics
-from adapter.queue import JobQueue
+from adapter.queue import Job, JobQueue
 from adapter.retry import RetryPolicy
 from adapter.ruleset import RuleSet
 from adapter.worker import CATCH_UP, CHECKPOINT, RESOURCE, Worker
