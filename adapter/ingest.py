@@ -14,7 +14,6 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,6 +21,7 @@ import orjson
 
 from . import jsonio
 from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
+from .fhir_models import is_resource_type
 
 __all__ = [
     "Entry",
@@ -40,20 +40,6 @@ NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 # How often (in bytes) NDJSON reading reports progress: often enough to move a display, seldom
 # enough to cost nothing next to parsing.
 _REPORT_EVERY = 1 << 16
-
-
-@lru_cache(maxsize=None)
-def _known_resource_type(name: str) -> bool:
-    """True for an R4B resource type name; reads the model package's file list, not the models."""
-    return name[:1].isupper() and name.lower() in _model_module_names()
-
-
-@lru_cache(maxsize=1)
-def _model_module_names() -> frozenset[str]:
-    import fhir.resources.R4B as r4b
-
-    folder = Path(r4b.__file__).parent
-    return frozenset(p[:-3] for p in os.listdir(folder) if p.endswith(".py"))
 
 
 class Entry:
@@ -188,7 +174,7 @@ def _check_resource(value: Any, source: str) -> Resource:
     rtype = value.get("resourceType")
     if not isinstance(rtype, str):
         raise NotFHIR("no resourceType: not a FHIR resource", source)
-    if not _known_resource_type(rtype):
+    if not is_resource_type(rtype):
         raise InvalidResource(f"unknown resourceType {rtype!r} (not an R4 resource)", source)
     rid = value.get("id")
     if rid is not None and not isinstance(rid, str):

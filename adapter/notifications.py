@@ -30,7 +30,6 @@ import orjson
 from . import jsonio
 from .errors import InvalidJSON, InvalidResource, NotFHIR
 from .fhir_models import is_resource_type
-from .ingest import _known_resource_type
 
 __all__ = [
     "ID_PATTERN",
@@ -126,9 +125,8 @@ def check_depth(value: Any, source: str = SOURCE, limit: int = MAX_DEPTH) -> Non
 
 def check_resource_type(name: str, source: str = SOURCE, what: str = "resource type") -> None:
     """Raise InvalidResource unless `name` is exactly an R4 resource type (case-sensitive)."""
-    # The model check answers for the exact spelling; ingest's list (the same models) is asked
-    # too, so whatever a path or a focus may name, a Bundle may hold.
-    if not (_TYPE.fullmatch(name) and is_resource_type(name) and _known_resource_type(name)):
+    # The same check as ingest's: whatever a path or a focus may name, a Bundle may hold.
+    if not (_TYPE.fullmatch(name) and is_resource_type(name)):
         raise InvalidResource(f"{what} {_show(name)} is not an R4 resource type (they are case-sensitive)", source)
 
 

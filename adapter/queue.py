@@ -66,7 +66,7 @@ __all__ = ["CATCH_UP", "QUEUE_BACKOFF", "Job", "JobQueue", "JobState", "NewJob"]
 
 log = logging.getLogger(__name__)
 
-# The kind of the catch-up job (worker.CATCH_UP is the same word): at most one is pending.
+# The kind of the catch-up job (search for what changed since the checkpoint): at most one is pending.
 CATCH_UP = "catch-up"
 
 JobState = Literal["pending", "done", "dead"]

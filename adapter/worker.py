@@ -28,7 +28,7 @@ from .gather import encounters_touched, gather
 from .metrics import Metrics
 from .notifications import Change
 from .pipeline import AnnotatedClaim, RunResult, evaluate
-from .queue import Job, JobQueue
+from .queue import CATCH_UP, Job, JobQueue
 from .ruleset import RuleSet
 from .writeback import WriteResult, Writer, settle
 
@@ -37,7 +37,6 @@ __all__ = ["CATCH_UP", "CHECKPOINT", "RESOURCE", "Worker"]
 log = logging.getLogger(__name__)
 
 RESOURCE = "resource"  # job kind: look at this resource (version)
-CATCH_UP = "catch-up"  # job kind: search for what changed since the checkpoint
 CHECKPOINT = "lastUpdated"
 WATCHED = ("Encounter", "Procedure", "Claim")
 DONE_RETENTION = 7 * 86400.0

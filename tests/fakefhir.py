@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import httpx
 

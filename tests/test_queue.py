@@ -13,7 +13,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from adapter import worker
 from adapter.errors import UsageError
 from adapter.queue import CATCH_UP, Job, JobQueue, NewJob
 from adapter.retry import RetryPolicy
@@ -170,8 +169,6 @@ def test_id_only_jobs_dedupe_while_waiting_but_not_once_claimed(queue: JobQueue)
 
 
 def test_one_pending_catch_up_at_a_time(queue: JobQueue) -> None:
-    assert worker.CATCH_UP == CATCH_UP
-
     def catch_up() -> bool:
         return queue.enqueue(CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
 

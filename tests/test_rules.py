@@ -12,7 +12,7 @@ from adapter.decision import Decision
 from adapter.rules import RULES
 from adapter.ruleset import RuleSet
 
-from .factories import CC, CPT, HCPCS, NUCC, TOB, claim_line, decision_of, php_day
+from .factories import CPT, HCPCS, NUCC, claim_line, decision_of, php_day
 
 
 def findings(decision: Decision, rule: str) -> list[tuple[str, str]]:
