@@ -15,6 +15,10 @@ from adapter.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+# Scenarios of deliberately invalid input, apart so that `g0129 replay fixtures/` (the quick start)
+# runs clean; the scenario tests read both folders.
+INVALID_FIXTURES = ROOT / "fixtures-invalid"
+SCENARIO_DIRS = (FIXTURES, INVALID_FIXTURES)
 
 
 @pytest.fixture(scope="session")

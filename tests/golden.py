@@ -1,4 +1,4 @@
-"""Golden annotated Claims: `fixtures/NN-name.expected.json` beside each scenario.
+"""Golden annotated Claims: `NN-name.expected.json` beside each scenario (fixtures/, fixtures-invalid/).
 
 Each holds a `collection` Bundle of the annotated Claims the replay writes for that fixture, so
 the fixture test compares whole outputs (a per-field assert misses what it does not name).
@@ -21,7 +21,8 @@ from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO_DIRS = (ROOT / "fixtures", ROOT / "fixtures-invalid")
 
 
 def golden_path(fixture: Path) -> Path:
@@ -30,7 +31,7 @@ def golden_path(fixture: Path) -> Path:
 
 def claims_by_fixture() -> dict[Path, list[dict[str, Any]]]:
     """The annotated Claims of a replay of the whole folder, by the fixture each came from."""
-    index, _, _ = load_paths([FIXTURES])
+    index, _, _ = load_paths(list(SCENARIO_DIRS))
     result = evaluate(index, load_ruleset())
     out: dict[Path, list[dict[str, Any]]] = {}
     for claim in result.claims:
@@ -46,7 +47,7 @@ def as_bundle(claims: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     for fixture, claims in sorted(claims_by_fixture().items()):
         golden_path(fixture).write_bytes(jsonio.dumps(as_bundle(claims), option=orjson.OPT_INDENT_2) + b"\n")
-        print(f"wrote {golden_path(fixture).relative_to(FIXTURES.parent)}")
+        print(f"wrote {golden_path(fixture).relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -21,17 +21,17 @@ import yaml
 from adapter import jsonio
 from adapter.fhir_models import validate
 
-from .conftest import FIXTURES, ROOT
+from .conftest import ROOT, SCENARIO_DIRS
 from .golden import claims_by_fixture, golden_path
 
-SCENARIOS = sorted(FIXTURES.glob("*.expected.yaml"))
+SCENARIOS = sorted(p for d in SCENARIO_DIRS for p in d.glob("*.expected.yaml"))
 
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("replay")
     proc = subprocess.run(
-        [sys.executable, "-m", "adapter.cli", "replay", str(FIXTURES), "--out", str(out)],
+        [sys.executable, "-m", "adapter.cli", "replay", *map(str, SCENARIO_DIRS), "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT,
     )
     decisions = [orjson.loads(line) for line in (out / "decisions.ndjson").read_bytes().splitlines()]
@@ -89,7 +89,7 @@ def test_the_command_writes_the_claims_the_golden_files_hold(replay: dict[str, A
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name.removesuffix(".expected.yaml"))
 def test_annotated_claims_match_the_golden_file(scenario: Path, golden_claims: dict[Path, list[dict[str, Any]]]) -> None:
-    fixture = next(p for p in FIXTURES.iterdir() if p.name.split(".")[0] == scenario.name.split(".")[0] and ".expected." not in p.name)
+    fixture = next(p for p in scenario.parent.iterdir() if p.name.split(".")[0] == scenario.name.split(".")[0] and ".expected." not in p.name)
     golden = jsonio.loads(golden_path(fixture).read_bytes())
     # Whole Claims, digit for digit: a decimal's text (125.00) is part of what the EHR wrote.
     got = [jsonio.dumps(c) for c in golden_claims.get(fixture.resolve(), [])]

@@ -30,12 +30,12 @@ from adapter.ruleset import RuleSet
 from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM
 from adapter.worker import RESOURCE, Worker
 
-from .conftest import AUTH, FIXTURES, serve
+from .conftest import AUTH, SCENARIO_DIRS, serve
 from .fakefhir import FakeFHIR, rewrite_references
 from .golden import claims_by_fixture
 
 BASE = "http://fhir.test/fhir"
-SCENARIOS = sorted(p for p in FIXTURES.iterdir() if p.suffix in (".json", ".ndjson") and ".expected." not in p.name)
+SCENARIOS = sorted(p for d in SCENARIO_DIRS for p in d.iterdir() if p.suffix in (".json", ".ndjson") and ".expected." not in p.name)
 
 
 async def _no_sleep(_: float) -> None:
@@ -52,7 +52,7 @@ def replay_decisions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict
     from adapter.cli import main
 
     out = tmp_path_factory.mktemp("replay")
-    main(["replay", str(FIXTURES), "--out", str(out)], stdout=io.StringIO(), stderr=io.StringIO())
+    main(["replay", *map(str, SCENARIO_DIRS), "--out", str(out)], stdout=io.StringIO(), stderr=io.StringIO())
     return {d["encounter"]: d for d in map(orjson.loads, (out / "decisions.ndjson").read_bytes().splitlines())}
 
 
