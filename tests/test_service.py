@@ -22,12 +22,12 @@ from adapter.ruleset import load_ruleset
 from adapter.service import FHIR_JSON, create_app
 from adapter.settings import Settings
 
-from .conftest import AUTH, BASE, FIXTURES, TOKEN, serve
+from .conftest import AUTH, BASE, FIXTURES, INVALID_FIXTURES, TOKEN, serve
 from .conftest import settings as make_settings
 from .fakefhir import FakeFHIR
 
 GOOD = FIXTURES / "01-medicare-php-hospital.json"
-INVALID_STATUS = FIXTURES / "56-invalid-procedure-status.json"
+INVALID_STATUS = INVALID_FIXTURES / "56-invalid-procedure-status.json"
 # Requests the fuzz test makes, over all operations, valid and invalid: a few seconds.
 FUZZ_EXAMPLES = 200
 
