@@ -29,7 +29,7 @@ import sys
 import tempfile
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from importlib import metadata
 from pathlib import Path
@@ -42,10 +42,12 @@ import orjson
 # second code keeps mypy quiet where those stubs happen to be installed.
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
+from . import jsonio
+from . import replay as replay_
 from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
 from .fhir_client import FHIRClient
-from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files, load_paths
-from .pipeline import RunResult, evaluate
+from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files
+from .pipeline import RunResult
 from .queue import JobQueue
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
 from .settings import Settings
@@ -94,8 +96,6 @@ class _Progress:
     Only on a terminal: never a byte of it in a pipe or a file, where it would be noise in a log.
     """
 
-    _STAGES = {"decide": ("deciding", "encounter"), "validate": ("validating", "claim")}
-
     def __init__(self, stream: IO[str], enabled: bool = True) -> None:
         self.stream = stream
         self.enabled = enabled and _is_terminal(stream)
@@ -115,14 +115,6 @@ class _Progress:
         """`ingest.load_paths`'s `on_bytes`: n more bytes read."""
         if self._bar is not None:
             self._bar.update(n)
-
-    def pipeline(self, stage: str, done: int, total: int) -> None:
-        """`pipeline.evaluate`'s `progress`: `done` of `total` cases decided or Claims validated."""
-        label, unit = self._STAGES.get(stage, (stage, "it"))
-        if label != self._stage:
-            self.start(label, total, unit)
-        if self._bar is not None:
-            self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -166,14 +158,60 @@ def _size(path: Path) -> int:
         return 0  # reported as an input error when it is read
 
 
-def _load(files: list[Path], paths: list[Path], progress: _Progress, max_file_bytes: int) -> tuple[Index, list[InputError], int]:
+@dataclasses.dataclass
+class _Run:
+    """A streamed replay's totals, for the summary."""
+
+    files: int = 0
+    resources: int = 0
+    encounters_seen: int = 0
+    decided: int = 0
+    claims: int = 0
+    errors: int = 0
+    outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
+    findings: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
+
+
+def _stream(
+    args: argparse.Namespace,
+    files: list[Path],
+    rules: RuleSet,
+    scratch: Path,
+    progress: _Progress,
+    write: Callable[[str, bytes], None],
+    stderr: IO[str],
+    on_decided: Callable[[Index, RunResult], None] | None = None,
+) -> _Run:
+    """Route the inputs into partitions under `scratch`, decide them, and hand each output
+    block to `write(name, ndjson_bytes)` (name: decisions, claims, errors) as it is decided."""
     progress.start("reading", sum(_size(f) for f in files), "B", in_bytes=True)
-    index, errors, nfiles = load_paths(files, on_bytes=progress.advance, max_file_bytes=max_file_bytes)
-    progress.close()
-    if not len(index) and not errors:
-        names = ", ".join(str(p) for p in paths)
-        raise UsageError(f"no FHIR resources in {names} ({nfiles} file(s) read, each empty or an empty Bundle)")
-    return index, errors, nfiles
+    plan = replay_.plan(files, scratch, args.shard, args.max_file_bytes, progress.advance)
+    totals = _Run(files=plan.files, resources=len(plan.shared))
+    _errors(plan.errors, totals, write, stderr)
+    if not any(plan.spill.sizes) and not len(plan.shared) and not plan.errors:
+        names = ", ".join(str(p) for p in args.paths)
+        raise UsageError(f"no FHIR resources in {names} ({plan.files} file(s) read, each empty or an empty Bundle)")
+    progress.start("deciding", plan.encounters, "encounter")
+    workers = 1 if on_decided is not None else args.workers
+    for part in replay_.run(plan, rules, args.validation, workers, on_decided):
+        write("decisions", part.decisions)
+        write("claims", part.claims)
+        _errors(part.errors, totals, write, stderr)
+        totals.resources += part.resources
+        totals.encounters_seen += part.encounters_seen
+        totals.decided += sum(part.outcomes.values())
+        totals.claims += part.claims_written
+        totals.outcomes.update(part.outcomes)
+        totals.findings.update(part.findings)
+        progress.advance(part.encounters_seen)
+    return totals
+
+
+def _errors(errors: list[InputError], totals: _Run, write: Callable[[str, bytes], None], stderr: IO[str]) -> None:
+    totals.errors += len(errors)
+    write("errors", b"".join(jsonio.dumps(error_record(e)) + b"\n" for e in errors))
+    for error in errors:
+        stderr.write(f"error: {error}\n")
 
 
 def _check_out(out: Path) -> None:
@@ -202,11 +240,6 @@ def _check_base_url(url: str) -> None:
         raise UsageError(f"--fhir-base must be an http(s) URL, got {url!r}")
 
 
-def _report_errors(errors: list[InputError], stderr: IO[str]) -> None:
-    for error in errors:
-        stderr.write(f"error: {error}\n")
-
-
 def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
     if args.dry_run and not args.fhir_base:
         raise UsageError("--dry-run needs --fhir-base: it shows what would be written to that server")
@@ -218,40 +251,31 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
     _make_out(args.out)
     # Held from the start: a second run into the same --out is refused before any work, and a
     # run that fails or is interrupted leaves the previous outputs as they were.
+    pushed: list[bool] = []
+    on_decided = None
+    if args.fhir_base:
+        def on_decided(index: Index, result: RunResult) -> None:
+            pushed.append(asyncio.run(_push(args, index, result, rules, stdout, stderr)))
     with DirectorySink(args.out) as sink:
         with _Progress(stderr, args.progress) as progress:
-            index, errors, nfiles = _load(files, args.paths, progress, args.max_file_bytes)
-            result = evaluate(index, rules, validate_claims=args.validate, progress=progress.pipeline)
-        errors.extend(result.errors)
-        outcomes = Counter(d.outcome for d in result.decisions)
-        by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
-        for decision in result.decisions:
-            sink.write("decisions", decision.to_json())
-        for claim in result.claims:
-            sink.write("claims", claim.resource)
-        for error in errors:
-            sink.write("errors", error_record(error))
-    _report_errors(errors, stderr)
-    decided = len(result.decisions)
-    stdout.write(f"g0129 replay: {nfiles} file(s), {len(index)} resource(s) -> {args.out}/\n")
+            totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
+    by_rule = totals.findings
+    stdout.write(f"g0129 replay: {totals.files} file(s), {totals.resources} resource(s) -> {args.out}/\n")
     stdout.write(
-        f"  encounters: {result.encounters_seen} seen, {decided} in scope and decided "
-        f"(an OT session or a PHP/IOP program), {max(result.encounters_seen - decided, 0)} out of scope\n"
+        f"  encounters: {totals.encounters_seen} seen, {totals.decided} in scope and decided "
+        f"(an OT session or a PHP/IOP program), {max(totals.encounters_seen - totals.decided, 0)} out of scope\n"
     )
-    stdout.write(f"  claims: {len(result.claims)} annotated\n")
-    stdout.write("  outcomes: " + ", ".join(f"{o} {outcomes.get(o, 0)}" for o in ("bill", "review", "do-not-bill")) + "\n")
+    stdout.write(f"  claims: {totals.claims} annotated\n")
+    stdout.write("  outcomes: " + ", ".join(f"{o} {totals.outcomes.get(o, 0)}" for o in ("bill", "review", "do-not-bill")) + "\n")
     if by_rule:
         stdout.write("  findings by rule:\n")
         for info in rules.rules:
             counts = [f"{sev} {by_rule[(info.id, sev)]}" for sev in ("error", "review", "warning", "info") if by_rule[(info.id, sev)]]
             if counts:
                 stdout.write(f"    {info.id:<15} {', '.join(counts)}\n")
-    if errors:
-        stdout.write(f"  invalid input: {len(errors)} (see {args.out}/errors.ndjson)\n")
-    failed = False
-    if args.fhir_base:
-        failed = asyncio.run(_push(args, index, result, rules, stdout, stderr))
-    return EXIT_INVALID_INPUT if errors or failed else EXIT_OK
+    if totals.errors:
+        stdout.write(f"  invalid input: {totals.errors} (see {args.out}/errors.ndjson)\n")
+    return EXIT_INVALID_INPUT if totals.errors or any(pushed) else EXIT_OK
 
 
 async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> bool:
@@ -276,13 +300,15 @@ async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: R
 def _evaluate(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
     files = _input_files(args.paths, stderr)
     rules = ctx.rules()
-    with _Progress(stderr, args.progress) as progress:
-        index, errors, _ = _load(files, args.paths, progress, args.max_file_bytes)
-        result = evaluate(index, rules, validate_claims=False, progress=progress.pipeline)
-    for decision in result.decisions:
-        stdout.write(orjson.dumps(decision.to_json()).decode() + "\n")
-    _report_errors(errors, stderr)
-    return EXIT_INVALID_INPUT if errors else EXIT_OK
+    args.validation, args.shard, args.workers = "none", replay_.Shard(), replay_.workers_default()
+
+    def write(name: str, block: bytes) -> None:
+        if name == "decisions":
+            stdout.write(block.decode())
+
+    with tempfile.TemporaryDirectory(prefix="g0129-") as scratch, _Progress(stderr, args.progress) as progress:
+        totals = _stream(args, files, rules, Path(scratch), progress, write, stderr)
+    return EXIT_INVALID_INPUT if totals.errors else EXIT_OK
 
 
 def _rules(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
@@ -448,6 +474,27 @@ def _byte_count(text: str) -> int:
     return number
 
 
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return number
+
+
+def _shard(text: str) -> replay_.Shard:
+    index, _, count = text.partition("/")
+    try:
+        shard = replay_.Shard(int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+    if not 0 <= shard.index < shard.count:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be at least 0 and less than N")
+    return shard
+
+
 def _max_file_bytes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-file-bytes", type=_byte_count, default=DEFAULT_MAX_FILE_BYTES, metavar="SIZE",
@@ -468,8 +515,18 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="output directory (default: ./out)")
     _max_file_bytes(replay)
     replay.add_argument(
-        "--no-validate", dest="validate", action="store_false",
-        help="skip the R4 model validation of each annotated Claim (about 4x faster bulk re-runs)",
+        "--validate", dest="validation", choices=["changes", "full"], default="changes",
+        help="how each annotated Claim is proven valid R4: changes (default) validates what the annotation adds or "
+        "changes with the R4B models of those elements; full validates every whole Claim (several times slower)",
+    )
+    replay.add_argument("--no-validate", dest="validation", action="store_const", const="none", help="no validation of the annotated Claims")
+    replay.add_argument(
+        "--workers", type=_positive, default=replay_.workers_default(), metavar="N",
+        help="decide in N processes (default: the CPUs available, %(default)s here); the output is the same bytes for any N",
+    )
+    replay.add_argument(
+        "--shard", type=_shard, default=replay_.Shard(), metavar="I/N",
+        help="decide only the patients of shard I of N (0 <= I < N), e.g. one per machine or Kubernetes Job index",
     )
     replay.add_argument("--fhir-base", metavar="URL", help="also write the annotated Claims to this FHIR server (If-Match, Provenance)")
     replay.add_argument("--dry-run", action="store_true", help="with --fhir-base: print the Claim diffs, write nothing")

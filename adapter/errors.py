@@ -19,6 +19,8 @@ The split between transient and fatal lets the worker decide to retry without gu
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AdapterError",
     "AuthError",
@@ -54,6 +56,18 @@ class InputError(AdapterError):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.message}" if self.source else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Made again from its attributes, whatever the subclass's constructor takes: input
+        # errors come back from `replay --workers` processes.
+        return (_restore, (type(self), str(self.args[0]) if self.args else "", self.__dict__))
+
+
+def _restore(cls: type[InputError], message: str, state: dict[str, Any]) -> InputError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidJSON(InputError):

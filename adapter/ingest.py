@@ -31,6 +31,8 @@ __all__ = [
     "load_file",
     "load_paths",
     "iter_input_files",
+    "read_file",
+    "type_id_tail",
 ]
 
 Resource = dict[str, Any]
@@ -118,6 +120,12 @@ class Index:
                 del self.by_full_url[current.full_url]
         self.add(entry)
 
+    @classmethod
+    def over(cls, shared: Index) -> Index:
+        """An index that starts with `shared`'s resources (the Organizations and Practitioners
+        every patient refers to) and takes one part of a replay on top, leaving `shared` as it is."""
+        return cls(dict(shared.by_key), dict(shared.by_full_url), {t: list(e) for t, e in shared.by_type.items()})
+
     def of_type(self, resource_type: str) -> list[Entry]:
         return self.by_type.get(resource_type, [])
 
@@ -150,18 +158,18 @@ class Index:
         if hit is not None:
             return hit
         if "://" in ref:
-            return self.by_key.get(_type_id_tail(ref))
+            return self.by_key.get(type_id_tail(ref))
         if context is not None and context.base:
             hit = self.by_full_url.get(context.base + ref)
             if hit is not None:
                 return hit
-        return self.by_key.get(_type_id_tail(ref))
+        return self.by_key.get(type_id_tail(ref))
 
     def __len__(self) -> int:
         return len(self.by_key)
 
 
-def _type_id_tail(ref: str) -> str:
+def type_id_tail(ref: str) -> str:
     parts = ref.split("?")[0].rstrip("/").split("/")
     if len(parts) >= 4 and parts[-2] == "_history":
         parts = parts[:-2]
@@ -231,27 +239,57 @@ def load_bytes(
     display): NDJSON as its lines go by, so a large export moves the display; JSON once parsed.
     The numbers add up to `len(data)`.
     """
-    size = len(data)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not ndjson:
-        try:
-            value = jsonio.loads(data)
-        except orjson.JSONDecodeError as exc:
-            return [], [InvalidJSON(f"malformed JSON ({exc})", source)]
-        finally:
-            if on_bytes is not None:
-                on_bytes(size)
-        return load_value(value, source)
-    return _ndjson(data.splitlines(keepends=True), source, on_bytes, size - len(data))
+    if ndjson:
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        values = _ndjson_values(data[bom:].splitlines(keepends=True), source, on_bytes, bom)
+    else:
+        values = iter([_json_value(data, source, on_bytes)])
+    return _entries_of(values)
 
 
-def _ndjson(
-    lines: Iterable[bytes | int], source: str, on_bytes: Callable[[int], None] | None, pending: int = 0
-) -> tuple[list[Entry], list[InputError]]:
-    """Entries of NDJSON lines (an int stands for a line too long to read, of that length)."""
-    errors: list[InputError] = []
+def _json_value(data: bytes, source: str, on_bytes: Callable[[int], None] | None) -> Value | InputError:
+    try:
+        return Value(source, jsonio.loads(data[3:] if data.startswith(b"\xef\xbb\xbf") else data))
+    except orjson.JSONDecodeError as exc:
+        return InvalidJSON(f"malformed JSON ({exc})", source)
+    finally:
+        if on_bytes is not None:
+            on_bytes(len(data))
+
+
+def _entries_of(values: Iterable[Value | InputError]) -> tuple[list[Entry], list[InputError]]:
     entries: list[Entry] = []
+    errors: list[InputError] = []
+    for value in values:
+        if isinstance(value, InputError):
+            errors.append(value)
+            continue
+        found, errs = load_value(value.value, value.source)
+        entries.extend(found)
+        errors.extend(errs)
+    return entries, errors
+
+
+@dataclass(slots=True)
+class Value:
+    """One JSON document read: a file's, or an NDJSON line's with the line's bytes (`raw`)."""
+
+    source: str
+    value: Any
+    raw: bytes | None = None
+
+
+def _ndjson_values(
+    lines: Iterable[bytes | int],
+    source: str,
+    on_bytes: Callable[[int], None] | None,
+    pending: int = 0,
+    exact: bool = True,
+) -> Iterator[Value | InputError]:
+    """The JSON value of each NDJSON line (an int stands for a line too long to read, of that
+    length). With `exact=False` decimals are read as floats: for a reader that only looks at
+    references and keeps the line's bytes (`Value.raw`)."""
+    parse = jsonio.loads if exact else orjson.loads
     for lineno, line in enumerate(lines, start=1):
         pending += line if isinstance(line, int) else len(line)
         if on_bytes is not None and pending >= _REPORT_EVERY:
@@ -259,23 +297,18 @@ def _ndjson(
             pending = 0
         where = f"{source}:{lineno}"
         if isinstance(line, int):
-            errors.append(InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", where))
+            yield InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", where)
             continue
         if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]
         if not line.strip():
             continue
         try:
-            value = jsonio.loads(line)
+            yield Value(where, parse(line), line)
         except orjson.JSONDecodeError as exc:
-            errors.append(InvalidJSON(f"malformed JSON ({exc})", where))
-            continue
-        found, errs = load_value(value, where)
-        entries.extend(found)
-        errors.extend(errs)
+            yield InvalidJSON(f"malformed JSON ({exc})", where)
     if on_bytes is not None and pending:
         on_bytes(pending)
-    return entries, errors
 
 
 def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -303,26 +336,39 @@ DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
 def load_file(
     path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES, on_bytes: Callable[[int], None] | None = None
 ) -> tuple[list[Entry], list[InputError]]:
-    """The entries of one input file. Only a regular file is read (a FIFO would hang the run, a
-    device such as /dev/zero never ends); a JSON document over `max_bytes` is refused before it
-    is read; NDJSON is read line by line, however large, each line up to `max_bytes`."""
+    """The entries of one input file (see `read_file`)."""
+    return _entries_of(read_file(path, max_bytes, on_bytes))
+
+
+def read_file(
+    path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES, on_bytes: Callable[[int], None] | None = None, exact: bool = True
+) -> Iterator[Value | InputError]:
+    """The JSON values of one input file, one by one. Only a regular file is read (a FIFO would
+    hang the run, a device such as /dev/zero never ends); a JSON document over `max_bytes` is
+    refused before it is read; NDJSON is read line by line, however large, each line up to
+    `max_bytes` (see `_ndjson_values` for `exact`)."""
     source = str(path)
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            return [], [InputError("not a regular file (a FIFO, device or socket is never read)", source)]
+            yield InputError("not a regular file (a FIFO, device or socket is never read)", source)
+            return
         if path.suffix in NDJSON_SUFFIXES:
             with open(path, "rb") as fh:
-                return _ndjson(_bounded_lines(fh, max_bytes), source, on_bytes)
+                yield from _ndjson_values(_bounded_lines(fh, max_bytes), source, on_bytes, exact=exact)
+            return
         if info.st_size > max_bytes:
-            return [], [InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)]
+            yield InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)
+            return
         with open(path, "rb") as fh:
             data = fh.read(max_bytes + 1)
     except OSError as exc:
-        return [], [InputError(f"cannot read ({exc.strerror or exc})", source)]
+        yield InputError(f"cannot read ({exc.strerror or exc})", source)
+        return
     if len(data) > max_bytes:  # it grew while we looked
-        return [], [InputError(f"over the limit of {max_bytes} bytes (--max-file-bytes): not read", source)]
-    return load_bytes(data, source, on_bytes=on_bytes)
+        yield InputError(f"over the limit of {max_bytes} bytes (--max-file-bytes): not read", source)
+        return
+    yield _json_value(data, source, on_bytes)
 
 
 def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | int]:

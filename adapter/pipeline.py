@@ -9,21 +9,26 @@ change, never once per day.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .annotate import annotate, draft_claim
 from .case import Case, build_cases
 from .decision import Decision
 from .errors import InputError, InvalidElement, InvalidResource
-from .fhir_models import validate
+from .fhir_models import validate, validate_changes
 from .ingest import Index
 from .rules import decide
 from .ruleset import RuleSet
 from .vocabulary import versioned_reference
 
-__all__ = ["AnnotatedClaim", "RunResult", "evaluate"]
+__all__ = ["AnnotatedClaim", "RunResult", "Validation", "evaluate"]
+
+# How the Claims we write are proven valid R4: "full" validates each whole with the R4B models;
+# "changes" validates what the annotation added or changed with the models of those elements
+# (the rest is the EHR's Claim, byte for byte); "none" trusts both.
+Validation = Literal["full", "changes", "none"]
 
 
 @dataclass(slots=True)
@@ -62,15 +67,12 @@ class RunResult:
 def evaluate(
     index: Index,
     rules: RuleSet,
-    validate_claims: bool = True,
+    validation: Validation = "full",
     encounters: Collection[str] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
 ) -> RunResult:
     """Decide every case in the index (or only `encounters`, as `Encounter/<id>`) and annotate
-    each Claim once with the decisions of all its encounters.
-
-    `progress(stage, done, total)`, when given, is called once per case decided (stage
-    `"decide"`) and once per Claim validated (`"validate"`), for a progress display.
+    each Claim once with the decisions of all its encounters; a Claim that fails `validation`
+    is an error, never a result.
 
     A PHP claim often bills several days: the decisions are applied to it one after the other,
     which is safe because annotation is per date and per encounter.
@@ -82,7 +84,7 @@ def evaluate(
     # In date order, whatever order the inputs came in (a file, a server's search): the lines
     # added to a Claim billing several days follow the days, on every path alike.
     cases = sorted(build_cases(index, rules, encounters), key=lambda c: (c.encounter_date or "", c.encounter))
-    for done, case in enumerate(cases, start=1):
+    for case in cases:
         decision = decide(case, rules)
         decisions.append(decision)
         for p in case.input_problems:
@@ -101,19 +103,17 @@ def evaluate(
         current.resource = annotate(current.resource, decision, rules)
         current.decisions.append(decision)
         current.cases.append(case)
-        if progress is not None:
-            progress("decide", done, len(cases))
     valid = []
-    for done, claim in enumerate(claims.values(), start=1):
-        if validate_claims:
-            try:
-                validate(claim.resource, f"{claim.source} ({claim.key})")
-            except InvalidResource as exc:
-                errors.append(exc)
-                continue
-            finally:
-                if progress is not None:
-                    progress("validate", done, len(claims))
+    for claim in claims.values():
+        source = f"{claim.source} ({claim.key})"
+        try:
+            if validation == "changes" and claim.original is not None:
+                validate_changes(claim.original, claim.resource, source)
+            elif validation != "none":
+                validate(claim.resource, source)  # "full", or a draft: ours whole
+        except InvalidResource as exc:
+            errors.append(exc)
+            continue
         valid.append(claim)
     seen = index.of_type("Encounter")
     if encounters is not None:

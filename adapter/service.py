@@ -372,7 +372,7 @@ def create_app(
         index = Index()
         for entry in entries:
             index.add(entry)
-        result = await asyncio.to_thread(evaluate, index, rules, False)
+        result = await asyncio.to_thread(evaluate, index, rules, "none")
         return _fhir(await asyncio.to_thread(evaluation_bundle, result, [*errors, *result.errors]))
 
     @app.get("/healthz", summary="The process is alive", responses={200: {"description": "Alive."}})

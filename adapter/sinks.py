@@ -60,6 +60,18 @@ class DirectorySink:
     def write(self, name: str, record: dict[str, Any]) -> None:
         self._files[name].write(jsonio.dumps(record) + b"\n")
 
+    def write_block(self, name: str, block: bytes) -> None:
+        """Append NDJSON lines already made (a replay partition's results)."""
+        self._files[name].write(block)
+
+    @property
+    def scratch(self) -> Path:
+        """A directory for the run's temporary files, removed with the run directory."""
+        assert self._run is not None, "inside `with DirectorySink(...)` only"
+        path = self._run / "scratch"
+        path.mkdir(exist_ok=True)
+        return path
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:

@@ -260,7 +260,7 @@ async def push_claims(
             server = await _server_copy(writer.client, claim)
             if server is not None:
                 index.replace(Entry(server, f"{writer.client.base_url}/{claim.key}"))
-            return await asyncio.to_thread(evaluate, index, rules, True, encounters)
+            return await asyncio.to_thread(evaluate, index, rules, "full", encounters)
 
         try:
             results.append((claim, await settle(writer, decide, lambda _: server)))

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 import adapter.cli
+import adapter.replay
 from adapter.cli import _parser, main
 from adapter.ingest import load_bytes, load_paths
 from adapter.pipeline import evaluate
@@ -283,18 +284,6 @@ def test_load_paths_reports_every_byte_it_reads(tmp_path: Path) -> None:
     assert sum(reported) == sum(p.stat().st_size for p in inputs)
 
 
-def test_evaluate_reports_each_case_decided_and_each_claim_validated(ruleset) -> None:
-    index, _, _ = load_paths([FIXTURES / "08-claim-two-php-days.json", GOOD])
-    calls: list[tuple[str, int, int]] = []
-    result = evaluate(index, ruleset, progress=lambda *call: calls.append(call))
-    cases, claims = len(result.decisions), len(result.claims)
-    assert cases > claims >= 2, "a Claim billing two days: fewer Claims than cases"
-    assert calls == [("decide", n, cases) for n in range(1, cases + 1)] + [("validate", n, claims) for n in range(1, claims + 1)]
-    calls.clear()
-    evaluate(index, ruleset, validate_claims=False, progress=lambda *call: calls.append(call))
-    assert {stage for stage, _, _ in calls} == {"decide"}
-
-
 def _replay_with(stderr: io.StringIO, *argv: str, out_dir: Path) -> tuple[int, str]:
     out = io.StringIO()
     code = main(["replay", str(GOOD), "--out", str(out_dir), *argv], stdout=out, stderr=stderr)
@@ -306,7 +295,7 @@ def test_progress_bars_show_on_a_terminal_only(tmp_path: Path) -> None:
     code, out = _replay_with(terminal, out_dir=tmp_path / "a")
     assert code == 0
     shown = terminal.getvalue()
-    for stage, unit in (("reading", "B"), ("deciding", "encounter"), ("validating", "claim")):
+    for stage, unit in (("reading", "B"), ("deciding", "encounter")):
         assert re.search(rf"{stage}: .*/s\]", shown) and f"{unit}/s" in shown, stage
     assert shown.endswith("\r"), "the last bar is cleared from the line"
     assert "reading" not in out, "never on stdout"
@@ -407,7 +396,7 @@ def no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an input was read")
 
-    monkeypatch.setattr(adapter.cli, "load_paths", fail)
+    monkeypatch.setattr(adapter.replay, "read_file", fail)
 
 
 def test_dry_run_without_a_server_is_refused_before_reading(tmp_path: Path, no_reading: None) -> None:

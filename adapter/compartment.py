@@ -1,0 +1,86 @@
+"""Which patient a resource belongs to, so a replay can decide one patient at a time.
+
+A decision reads one patient's compartment (Encounter, Procedure, Claim, Coverage, Condition,
+EpisodeOfCare, Goal, DocumentReference...) plus the resources many patients share and that
+belong to none (Organization, Practitioner, PractitionerRole, Location...). `route` says which
+of the two a resource is, and for the first, the patient's key: the same key whatever form the
+reference takes (`Patient/1`, `https://ehr.example/fhir/Patient/1`, a Bundle's `urn:uuid:`
+fullUrl of the Patient entry). The elements are those of the FHIR R4 Patient compartment
+(https://hl7.org/fhir/R4/compartmentdefinition-patient.html) for the resources we read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .ingest import Entry, type_id_tail
+
+__all__ = ["SHARED", "SHARED_TYPES", "patient_key", "route"]
+
+SHARED = ""  # the route of a resource that belongs to no patient
+
+# Resources outside every patient compartment that a decision reads through references.
+SHARED_TYPES = frozenset(
+    {"Organization", "Practitioner", "PractitionerRole", "Location", "HealthcareService", "Endpoint", "Device", "Medication", "Substance"}
+)
+
+# The elements naming a resource's patient, by type, from the Patient compartment definition;
+# for a type not listed, the usual names are tried in this order.
+PATIENT_ELEMENTS: Mapping[str, tuple[str, ...]] = {
+    "Encounter": ("subject",),
+    "Procedure": ("subject",),
+    "Claim": ("patient",),
+    "ClaimResponse": ("patient",),
+    "ExplanationOfBenefit": ("patient",),
+    "Coverage": ("beneficiary", "subscriber", "policyHolder"),
+    "Condition": ("subject",),
+    "EpisodeOfCare": ("patient",),
+    "DocumentReference": ("subject",),
+    "Goal": ("subject",),
+    "Task": ("for",),
+    "Account": ("subject",),
+}
+_USUAL = ("subject", "patient", "beneficiary", "for")
+
+
+def patient_key(entry: Entry) -> str:
+    """The key a Patient entry is routed by: `Patient/<id>`, the type and id of its absolute
+    fullUrl when it has no id, else its fullUrl."""
+    if entry.id is not None:
+        return entry.key
+    if entry.full_url and "://" in entry.full_url:
+        return type_id_tail(entry.full_url)
+    return entry.key
+
+
+def route(entry: Entry, local: Mapping[str, str]) -> str | None:
+    """The patient key `entry` belongs with, SHARED for a resource many patients share, or None
+    when it names no patient we can tell (it is then decided with the others like it).
+
+    `local` maps the fullUrls of the file's Patient entries to their keys: a transaction Bundle
+    refers to its Patient by the entry's `urn:uuid:` fullUrl.
+    """
+    if entry.type == "Patient":
+        return patient_key(entry)
+    resource = entry.resource
+    for name in PATIENT_ELEMENTS.get(entry.type, _USUAL):
+        key = _patient_reference(resource.get(name), local)
+        if key is not None:
+            return key
+    return SHARED if entry.type in SHARED_TYPES else None
+
+
+def _patient_reference(value: Any, local: Mapping[str, str]) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    ref = value.get("reference")
+    if not isinstance(ref, str) or not ref or ref.startswith("#"):
+        return None
+    hit = local.get(ref)
+    if hit is not None:
+        return hit
+    if ref.startswith("urn:"):
+        return None  # a Patient entry of another file: not one we can tell
+    tail = type_id_tail(ref)
+    return tail if tail.startswith("Patient/") else None

@@ -1,0 +1,230 @@
+"""Replay at any size: route every resource to its patient's partition on disk, then decide the
+partitions one by one (or in parallel processes), writing results as each is decided.
+
+Memory holds the resources many patients share (Organizations, Practitioners, Locations: a
+health system's few thousand) and one partition, whatever the size of the input; a partition is
+a few MB of input. The partitions and their order depend on the input only (never on the
+number of workers), so the output is the same bytes with one worker or many. `--shard I/N`
+keeps the patients of one hash shard: N machines each run one shard of the same input.
+
+Each partition goes through the one decision step, `pipeline.evaluate`, with an index holding
+its own resources on top of the shared ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import jsonio
+from .compartment import SHARED, patient_key, route
+from .errors import InputError
+from .ingest import DEFAULT_MAX_FILE_BYTES, Entry, Index, Value, load_value, read_file
+from .pipeline import RunResult, Validation, evaluate
+from .ruleset import RuleSet
+from .sinks import error_record
+from .spill import Spill, bucket
+
+__all__ = ["Part", "Plan", "Shard", "decide", "part_of", "plan", "run", "workers_default"]
+
+# A partition's share of the input: its resources, parsed, take ~10x this in memory.
+PARTITION_BYTES = 4 << 20
+MAX_PARTITIONS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """`--shard I/N`: the patients whose hash falls in shard `index` of `count`."""
+
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class Plan:
+    """The routing pass's result: the shared resources, the spilled partitions, input errors."""
+
+    shared: Index
+    spill: Spill
+    errors: list[InputError]
+    files: int
+    encounters: int  # Encounter resources routed to this shard (for a progress display)
+
+
+@dataclass
+class Part:
+    """One partition decided: its output lines, ready to write, and its counts."""
+
+    decisions: bytes = b""
+    claims: bytes = b""
+    errors: list[InputError] = field(default_factory=list)
+    resources: int = 0
+    encounters_seen: int = 0
+    claims_written: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    findings: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def plan(
+    files: Iterable[Path],
+    directory: Path,
+    shard: Shard = Shard(),
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Plan:
+    """Read every input once, spilling each resource of this shard to its partition in
+    `directory` and keeping the shared ones in memory.
+
+    An input error is kept by one shard only (by the hash of where it is), so N shards report
+    each bad line once between them.
+    """
+    files = list(files)
+    total = sum(_size(f) for f in files)
+    partitions = max(1, min(MAX_PARTITIONS, -(-total // (PARTITION_BYTES * shard.count))))
+    spill = Spill(directory, partitions)
+    shared = Index()
+    errors: list[InputError] = []
+    encounters = 0
+    for path in files:
+        for value in read_file(path, max_file_bytes, on_bytes, exact=False):
+            found, errs = _resources(value)
+            errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
+            local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url}
+            for entry, raw in found:
+                key = route(entry, local)
+                if key == SHARED:
+                    shared.add(entry if raw is None else Entry(jsonio.loads(raw), entry.source, entry.full_url))
+                    continue
+                part_shard, partition = bucket(key or "", shard.count, partitions)
+                if part_shard != shard.index:
+                    continue
+                encounters += entry.type == "Encounter"
+                spill.add(partition, entry.source, entry.full_url, raw if raw is not None else jsonio.dumps(entry.resource))
+    spill.flush()
+    return Plan(shared, spill, errors, len(files), encounters)
+
+
+def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | None]], list[InputError]]:
+    """The resources of one value read, each with its JSON bytes when they can be kept as read
+    (an NDJSON line holding one resource, parsed without its decimals' text: only its references
+    are looked at); a Bundle is parsed again exactly, so its entries are written with every digit."""
+    if isinstance(value, InputError):
+        return [], [value]
+    single = value.raw is not None and isinstance(value.value, dict) and value.value.get("resourceType") != "Bundle"
+    document = value.value if single or value.raw is None else jsonio.loads(value.raw)
+    entries, errors = load_value(document, value.source)
+    return [(e, value.raw if single else None) for e in entries], errors
+
+
+def decide(plan: Plan, partition: int, rules: RuleSet, validation: Validation) -> tuple[Index, RunResult]:
+    """One partition through the one decision step, on top of the shared resources."""
+    index = Index.over(plan.shared)
+    for source, full_url, raw in plan.spill.read(partition):
+        index.add(Entry(jsonio.loads(raw), source, full_url))
+    return index, evaluate(index, rules, validation)
+
+
+def part_of(index: Index, run: RunResult, shared: int) -> Part:
+    """What a decided partition writes and counts."""
+    return Part(
+        decisions=b"".join(jsonio.dumps(d.to_json()) + b"\n" for d in run.decisions),
+        claims=b"".join(jsonio.dumps(c.resource) + b"\n" for c in run.claims),
+        errors=run.errors,
+        resources=len(index) - shared,
+        encounters_seen=run.encounters_seen,
+        claims_written=len(run.claims),
+        outcomes=Counter(d.outcome for d in run.decisions),
+        findings=Counter((f.rule, f.severity) for d in run.decisions for f in d.findings),
+    )
+
+
+def run(
+    plan: Plan,
+    rules: RuleSet,
+    validation: Validation,
+    workers: int = 1,
+    on_decided: Callable[[Index, RunResult], None] | None = None,
+) -> Iterator[Part]:
+    """Every partition decided, in partition order. With `workers` > 1 they are decided in
+    that many processes (forked: they inherit the plan and the rules) and still come back in
+    order. `on_decided(index, result)` sees each partition's full result, in this process
+    (so only with one worker): `replay --fhir-base` writes its Claims from there."""
+    shared = len(plan.shared)
+    partitions = range(plan.spill.partitions)
+    if workers <= 1 or plan.spill.partitions == 1:
+        for partition in partitions:
+            with _collecting_after():
+                index, result = decide(plan, partition, rules, validation)
+                if on_decided is not None:
+                    on_decided(index, result)
+                part = part_of(index, result, shared)
+            yield part
+        return
+    if on_decided is not None:
+        raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
+    global _WORK
+    _WORK = (plan, rules, validation)
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # A bounded window of partitions in flight: results come back in order, and at most
+        # this many wait in memory for an earlier one.
+        window = 2 * workers
+        pending: list[Future[Part]] = []
+        for partition in partitions:
+            pending.append(pool.submit(_decide_in_worker, partition))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+    _WORK = None
+
+
+_WORK: tuple[Plan, RuleSet, Validation] | None = None  # what forked workers inherit
+
+
+def _decide_in_worker(partition: int) -> Part:
+    assert _WORK is not None, "set by run() before the workers are forked"
+    plan, rules, validation = _WORK
+    with _collecting_after():
+        index, result = decide(plan, partition, rules, validation)
+        return part_of(index, result, len(plan.shared))
+
+
+@contextmanager
+def _collecting_after() -> Iterator[None]:
+    """No garbage collection while a partition is decided, one after.
+
+    Parsed FHIR JSON makes no reference cycles, so the collector finds nothing while the heap
+    grows, yet its passes over a growing heap cost ~15% of a replay: one pass per partition,
+    once its resources are let go, keeps memory flat for the cost of one."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
+def workers_default() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # an input error when it is read
