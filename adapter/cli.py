@@ -45,15 +45,11 @@ from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 from . import jsonio
 from . import replay as replay_
 from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
-from .fhir_client import FHIRClient
 from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files
 from .pipeline import RunResult
-from .queue import JobQueue
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
 from .settings import Settings
 from .sinks import DirectorySink, error_record
-from .subscribe import SubscriptionResult, subscribe
-from .writeback import Writer, push_claims
 
 __all__ = ["main"]
 
@@ -279,6 +275,9 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
 
 
 async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> bool:
+    from .fhir_client import FHIRClient
+    from .writeback import Writer, push_claims
+
     settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.fhir_base.rstrip("/"))
     async with FHIRClient.from_settings(settings) as client:
         results = await push_claims(Writer(client, dry_run=args.dry_run), index, run, rules)
@@ -388,6 +387,9 @@ def _serve(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[
 
 
 def _subscribe(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
+    from .fhir_client import FHIRClient
+    from .subscribe import SubscriptionResult, subscribe
+
     settings = Settings.from_env()
     if not settings.webhook_token:
         raise UsageError("G0129_WEBHOOK_TOKEN must be set: the Subscriptions carry it to the webhook")
@@ -408,6 +410,8 @@ def _subscribe(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr:
 
 
 def _queue(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
+    from .queue import JobQueue
+
     with JobQueue.from_settings(Settings.from_env()) as queue:
         if args.action == "list":
             for job in queue.list(args.state):

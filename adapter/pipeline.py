@@ -107,10 +107,10 @@ def evaluate(
     for claim in claims.values():
         source = f"{claim.source} ({claim.key})"
         try:
-            if validation == "changes" and claim.original is not None:
+            if validation == "changes":
                 validate_changes(claim.original, claim.resource, source)
-            elif validation != "none":
-                validate(claim.resource, source)  # "full", or a draft: ours whole
+            elif validation == "full":
+                validate(claim.resource, source)
         except InvalidResource as exc:
             errors.append(exc)
             continue

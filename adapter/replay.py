@@ -19,7 +19,6 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,32 +158,33 @@ def run(
     (so only with one worker): `replay --fhir-base` writes its Claims from there."""
     shared = len(plan.shared)
     partitions = range(plan.spill.partitions)
+    # What lives for the whole run (modules, rule tables, the shared resources) is kept out of
+    # the collector's way: each partition's collection then looks at that partition's objects.
+    gc.collect()
+    gc.freeze()
     if workers <= 1 or plan.spill.partitions == 1:
         for partition in partitions:
-            with _collecting_after():
-                index, result = decide(plan, partition, rules, validation)
-                if on_decided is not None:
-                    on_decided(index, result)
-                part = part_of(index, result, shared)
-            yield part
+            yield _without_gc(_decide_part, plan, partition, rules, validation, on_decided)
         return
     if on_decided is not None:
         raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
     global _WORK
     _WORK = (plan, rules, validation)
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        # A bounded window of partitions in flight: results come back in order, and at most
-        # this many wait in memory for an earlier one.
-        window = 2 * workers
-        pending: list[Future[Part]] = []
-        for partition in partitions:
-            pending.append(pool.submit(_decide_in_worker, partition))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
-    _WORK = None
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            # A bounded window of partitions in flight: results come back in order, and at
+            # most this many wait in memory for an earlier one.
+            window = 2 * workers
+            pending: list[Future[Part]] = []
+            for partition in partitions:
+                pending.append(pool.submit(_decide_in_worker, partition))
+                if len(pending) >= window:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+    finally:
+        _WORK = None
 
 
 _WORK: tuple[Plan, RuleSet, Validation] | None = None  # what forked workers inherit
@@ -193,22 +193,29 @@ _WORK: tuple[Plan, RuleSet, Validation] | None = None  # what forked workers inh
 def _decide_in_worker(partition: int) -> Part:
     assert _WORK is not None, "set by run() before the workers are forked"
     plan, rules, validation = _WORK
-    with _collecting_after():
-        index, result = decide(plan, partition, rules, validation)
-        return part_of(index, result, len(plan.shared))
+    return _without_gc(_decide_part, plan, partition, rules, validation, None)
 
 
-@contextmanager
-def _collecting_after() -> Iterator[None]:
-    """No garbage collection while a partition is decided, one after.
+def _decide_part(
+    plan: Plan, partition: int, rules: RuleSet, validation: Validation, on_decided: Callable[[Index, RunResult], None] | None
+) -> Part:
+    index, result = decide(plan, partition, rules, validation)
+    if on_decided is not None:
+        on_decided(index, result)
+    return part_of(index, result, len(plan.shared))
 
-    Parsed FHIR JSON makes no reference cycles, so the collector finds nothing while the heap
-    grows, yet its passes over a growing heap cost ~15% of a replay: one pass per partition,
-    once its resources are let go, keeps memory flat for the cost of one."""
+
+def _without_gc(function: Callable[..., Part], *args: Any) -> Part:
+    """`function(*args)` with no garbage collection while it runs, and one collection after.
+
+    Parsed FHIR JSON makes no reference cycles, so the collector finds nothing while a
+    partition's heap grows, yet its passes over it cost ~15% of a replay. Once `function` has
+    returned, the partition's objects are gone by reference counting, and the one collection
+    sweeps up whatever cycle there was, keeping memory flat."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return function(*args)
     finally:
         if enabled:
             gc.enable()

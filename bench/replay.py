@@ -1,12 +1,25 @@
-"""Replay throughput and memory, beside the floor of merely parsing the same bytes.
+"""Replay throughput and memory on a Bulk Data export, beside the naive path and the floor.
 
-    python bench/replay.py                 # 1,000 and 10,000 encounters
-    python bench/replay.py --encounters 500
+    python bench/replay.py                          # ratios at 10,000; memory at 10k, 100k, 1M
+    python bench/replay.py --sizes 10000 100000     # memory and time per encounter at these sizes
+    python bench/replay.py --ratio-size 2000 --sizes 2000
 
-Generates N realistic PHP/IOP encounters (Patient, Coverage, Practitioner, Condition,
-Encounter, 1-2 OT sessions, Claim: 8-9 resources, ~9 KB each) as one Bundle file per
-encounter, then runs `g0129 replay` on them in a fresh process and reports encounters/second
-and the process's peak RSS. Prints figures; asserts nothing.
+Generates N realistic PHP/IOP encounters as a FHIR Bulk Data export: one NDJSON file per
+resource type (Patient, Coverage, Condition, EpisodeOfCare, Encounter, Procedure, Goal,
+Communication, Claim, and the shared Organizations and Practitioners of a 20-hospital system
+with 200 therapists), ~10 resources and ~6 KB per encounter; a quarter of the days have a
+second short session, a quarter are IOP, a quarter have no Claim yet. Nothing is committed:
+the files are made on the fly in a temporary directory (~6 GB at 1M encounters, plus as much
+again for the replay's partitions).
+
+On the same bytes, at `--ratio-size` encounters, it times:
+  - floor:  read + `orjson.loads` of every line;
+  - naive:  every line validated by its fhir.resources R4B model (`model_validate_json`);
+  - replay: `g0129 replay --workers 1` (the default validation: what we add is validated), and
+            `--workers N` (N = the CPUs available);
+and prints encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1`
+and prints its wall and CPU time per encounter and its peak RSS. Every replay is checked to
+have decided every encounter. Prints figures; asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -14,93 +27,162 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import IO, Any
 
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "fixtures" / "01-medicare-php-hospital.json"
+HOSPITALS, THERAPISTS = 20, 200
+
+
+def _template() -> dict[str, dict[str, Any]]:
+    bundle = orjson.loads(TEMPLATE.read_bytes())
+    return {e["resource"]["id"]: e["resource"] for e in bundle["entry"]}
+
+
+def _shared(template: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The system's hospitals, the payer and its therapists: shared by every patient."""
+    for h in range(HOSPITALS):
+        yield {**template["php01-hosp"], "id": f"hosp-{h}"}
+    yield {**template["php01-cms"], "id": "payer-cms"}
+    for t in range(THERAPISTS):
+        yield {**template["php01-ot"], "id": f"ot-{t}"}
+
+
+def _encounter(template: dict[str, dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """The resources of encounter i: its patient's compartment, re-keyed, pointing at the pools."""
+    raw = orjson.dumps([r for key, r in template.items() if key not in ("php01-hosp", "php01-cms", "php01-ot")])
+    raw = (
+        raw.replace(b"Organization/php01-hosp", f"Organization/hosp-{i % HOSPITALS}".encode())
+        .replace(b"Organization/php01-cms", b"Organization/payer-cms")
+        .replace(b'Practitioner/php01-ot"', f'Practitioner/ot-{i % THERAPISTS}"'.encode())
+        .replace(b"php01-", f"b{i}-".encode())
+    )
+    resources: list[dict[str, Any]] = orjson.loads(raw)
+    variant = i % 4
+    if variant == 1:  # a second, short session the same day
+        session = next(r for r in resources if r.get("id") == f"b{i}-ot1")
+        extra = copy.deepcopy(session)
+        extra["id"] = f"b{i}-ot2"
+        extra["performedPeriod"] = {"start": "2025-03-04T13:00:00-05:00", "end": "2025-03-04T13:30:00-05:00"}
+        resources.append(extra)
+    elif variant == 2:  # IOP
+        enc = next(r for r in resources if r["resourceType"] == "Encounter")
+        enc["serviceType"]["coding"][0]["code"] = "92"
+    elif variant == 3:  # no claim yet
+        resources = [r for r in resources if r["resourceType"] != "Claim"]
+    return resources
 
 
 def generate(folder: Path, n: int) -> int:
-    """Write n encounter bundles; return the total bytes written."""
-    template = orjson.loads(TEMPLATE.read_bytes())
-    raw = orjson.dumps(template)
-    total = 0
-    for i in range(n):
-        # Re-key every id (php01-* -> b<i>-*) so encounters are distinct resources.
-        data = raw.replace(b"php01-", f"b{i}-".encode())
-        bundle = orjson.loads(data)
-        variant = i % 4
-        entries = bundle["entry"]
-        if variant == 1:  # a second, short session the same day
-            session = next(e for e in entries if e["resource"].get("id") == f"b{i}-ot1")
-            extra = copy.deepcopy(session)
-            extra["resource"]["id"] = f"b{i}-ot2"
-            extra["fullUrl"] = extra["fullUrl"].replace("ot1", "ot2")
-            extra["resource"]["performedPeriod"] = {"start": "2025-03-04T13:00:00-05:00", "end": "2025-03-04T13:30:00-05:00"}
-            entries.append(extra)
-        elif variant == 2:  # IOP
-            enc = next(e for e in entries if e["resource"]["resourceType"] == "Encounter")
-            enc["resource"]["serviceType"]["coding"][0]["code"] = "92"
-        elif variant == 3:  # no claim yet
-            bundle["entry"] = [e for e in entries if e["resource"]["resourceType"] != "Claim"]
-        out = orjson.dumps(bundle)
-        (folder / f"enc-{i:06d}.json").write_bytes(out)
-        total += len(out)
-    return total
+    """Write an n-encounter export into `folder`, one NDJSON file per type; return its bytes."""
+    template = _template()
+    with ExitStack() as stack:
+        files: dict[str, IO[bytes]] = {}
+
+        def write(res: dict[str, Any]) -> None:
+            rtype = res["resourceType"]
+            if rtype not in files:
+                files[rtype] = stack.enter_context(open(folder / f"{rtype}.ndjson", "wb", buffering=1 << 20))
+            files[rtype].write(orjson.dumps(res) + b"\n")
+
+        for res in _shared(template):
+            write(res)
+        for i in range(n):
+            for res in _encounter(template, i):
+                write(res)
+    return sum(p.stat().st_size for p in folder.iterdir())
 
 
-def parse_floor(folder: Path) -> float:
-    files = sorted(folder.iterdir())
+def _lines(folder: Path) -> Iterator[bytes]:
+    for path in sorted(folder.glob("*.ndjson")):
+        with open(path, "rb") as fh:
+            yield from fh
+
+
+def floor(folder: Path) -> float:
+    start = time.process_time()
+    for line in _lines(folder):
+        orjson.loads(line)
+    return time.process_time() - start
+
+
+def naive(folder: Path) -> float:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    models: dict[str, Any] = {}
+    start = time.process_time()
+    for line in _lines(folder):
+        rtype = orjson.loads(line)["resourceType"]  # which model: the type is in the line
+        model = models.get(rtype) or models.setdefault(rtype, get_fhir_model_class(rtype))
+        model.model_validate_json(line)
+    return time.process_time() - start
+
+
+def replay(folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
+    """`g0129 replay` in a fresh process: (wall s, CPU s of it and its workers, peak RSS KB of
+    the largest process). Checks every encounter was decided."""
+    argv = [sys.executable, "-m", "adapter.cli", "replay", str(folder), "--out", str(out), "--no-progress", *flags]
     start = time.perf_counter()
-    for path in files:
-        orjson.loads(path.read_bytes())
-    return time.perf_counter() - start
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
+    # wait4: this run's own figures (its workers' CPU included), not every child's so far.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"replay failed: exit {proc.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
-def run_replay(folder: Path, out: Path, *flags: str) -> tuple[float, int]:
-    """Seconds for `g0129 replay` in a fresh process (imports excluded), and its peak RSS in KB."""
-    argv = ["replay", str(folder), "--out", str(out), *flags]
-    script = (
-        "import resource, sys, time\n"
-        "from adapter.cli import main\n"
-        "t = time.perf_counter()\n"
-        f"code = main({argv!r}, stdout=open('/dev/null', 'w'))\n"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-        "sys.exit(code)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
-    seconds, rss_kb = proc.stdout.split()
-    return float(seconds), int(rss_kb)
+def decided(out: Path) -> int:
+    with open(out / "decisions.ndjson", "rb") as fh:
+        return sum(1 for _ in fh)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encounters", type=int, nargs="+", default=[1_000, 10_000])
+    parser.add_argument("--ratio-size", type=int, default=10_000, help="encounters for the ratios (0: skip)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
+    parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpu(s); one process, one core")
-    print(f"{'encounters':>10} {'MB':>7} {'parse-only enc/s':>17} {'--no-validate enc/s':>20} {'replay enc/s':>13} {'peak RSS MB':>12}")
-    for n in args.encounters:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder, out = Path(tmp) / "in", Path(tmp) / "out"
+    print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
+    if args.ratio_size:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            folder, n = Path(tmp) / "export", args.ratio_size
             folder.mkdir()
             size = generate(folder, n)
-            floor = parse_floor(folder)
-            fast_s, _ = run_replay(folder, out, "--no-validate")
-            replay_s, rss = run_replay(folder, out)
-            decided = len((out / "decisions.ndjson").read_bytes().splitlines())
-            assert decided == n, f"{decided} decisions for {n} encounters"
-            print(
-                f"{n:>10} {size / 1e6:>7.1f} {n / floor:>17,.0f} {n / fast_s:>20,.0f} {n / replay_s:>13,.0f} {rss / 1024:>12.0f}"
-            )
-    print("parse-only = read + orjson.loads of the same files (the floor); replay = read, resolve, decide, annotate,")
-    print("validate every Claim with the R4B models and write the three files; --no-validate skips the validation.")
+            print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
+            rates = {}
+            rates["floor (orjson.loads)"] = n / floor(folder)
+            rates["naive (R4B model_validate_json)"] = n / naive(folder)
+            for label, flags in (("replay --workers 1", ("--workers", "1")), (f"replay --workers {args.workers}", ("--workers", str(args.workers)))):
+                out = Path(tmp) / "out"
+                wall, cpu, _ = replay(folder, out, *flags)
+                assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+                rates[f"{label} (CPU)"] = n / cpu
+                rates[f"{label} (wall)"] = n / wall
+            base = rates["naive (R4B model_validate_json)"]
+            for label, rate in rates.items():
+                print(f"  {label:<36} {rate:>9,.0f} enc/s  {rate / base:>6.2f}x naive")
+    if args.sizes:
+        print(f"\n{'encounters':>10} {'MB':>7} {'wall s':>8} {'CPU ms/enc':>11} {'wall ms/enc':>12} {'peak RSS MB':>12}   (replay --workers 1)")
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            folder, out = Path(tmp) / "export", Path(tmp) / "out"
+            folder.mkdir()
+            size = generate(folder, n)
+            wall, cpu, rss = replay(folder, out, "--workers", "1")
+            assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+            print(f"{n:>10,} {size / 1e6:>7,.0f} {wall:>8.1f} {cpu / n * 1e3:>11.3f} {wall / n * 1e3:>12.3f} {rss / 1024:>12.0f}")
 
 
 if __name__ == "__main__":

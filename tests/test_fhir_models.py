@@ -1,0 +1,96 @@
+"""The one door to the R4B models: the resource types, and validating what we change."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from adapter import jsonio
+from adapter.errors import InvalidResource
+from adapter.fhir_models import RESOURCE_TYPES, is_resource_type, validate, validate_changes
+from adapter.vocabulary import DECISION_EXTENSION, LINE_EXTENSION
+
+from .conftest import FIXTURES
+
+
+def test_the_resource_types_are_the_models_concrete_resources() -> None:
+    from fhir.resources.R4B import fhirtypes, get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    concrete = set()
+    for name in (n[:-4] for n in dir(fhirtypes) if n.endswith("Type") and n[:1].isupper()):
+        try:
+            model = get_fhir_model_class(name)
+        except ValueError:  # a primitive: no model
+            continue
+        if name not in ("Resource", "DomainResource") and issubclass(model, Resource):
+            concrete.add(name)
+    assert RESOURCE_TYPES == concrete
+
+
+@pytest.mark.parametrize("name, expected", [("Encounter", True), ("encounter", False), ("Address", False), ("Resource", False), ("Base64Binary", False)])
+def test_is_resource_type(name: str, expected: bool) -> None:
+    assert is_resource_type(name) is expected
+
+
+def claim() -> dict[str, Any]:
+    bundle = jsonio.loads((FIXTURES / "01-medicare-php-hospital.json").read_bytes())
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Claim")
+
+
+def line(date: str = "2025-03-04", sequence: int = 9, reference: str = "Encounter/php01-enc") -> dict[str, Any]:
+    return {
+        "extension": [{"url": LINE_EXTENSION, "valueReference": {"reference": reference}}],
+        "sequence": sequence,
+        "productOrService": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "code": "G0129"}]},
+        "servicedDate": date,
+        "quantity": {"value": 1},
+        "encounter": [{"reference": reference}],
+    }
+
+
+def with_line(item: dict[str, Any]) -> dict[str, Any]:
+    changed = copy.deepcopy(claim())
+    changed["item"].append(item)
+    changed["extension"] = [{"url": DECISION_EXTENSION, "extension": [{"url": "outcome", "valueCode": "bill"}]}]
+    return changed
+
+
+def test_valid_additions_pass_and_agree_with_the_whole_model() -> None:
+    for n in range(3):  # the same shape again: answered from what the model said the first time
+        changed = with_line(line(f"2025-03-0{n + 4}", 9 + n, f"Encounter/day-{n}"))
+        validate_changes(claim(), changed)
+        validate(changed)
+
+
+@pytest.mark.parametrize(
+    "item, problem",
+    [
+        (line(date="2025-02-30"), "servicedDate"),  # the date pattern lets it through; the model does not
+        (line(date="03/04/2025"), "servicedDate"),
+        (line(sequence=0), "sequence"),
+        (line(reference=""), "reference"),
+        ({**line(), "quantity": {"value": "one"}}, "quantity"),
+        ({**line(), "productOrService": "G0129"}, "productOrService"),
+    ],
+)
+def test_an_invalid_addition_is_refused_like_the_whole_model_refuses_it(item: dict[str, Any], problem: str) -> None:
+    changed = with_line(item)
+    with pytest.raises(InvalidResource, match=problem):
+        validate_changes(claim(), changed, "claims.ndjson")
+    with pytest.raises(InvalidResource):
+        validate(changed)
+
+
+def test_a_change_outside_our_elements_is_checked_whole() -> None:
+    changed = claim() | {"created": "yesterday"}
+    with pytest.raises(InvalidResource, match="created"):
+        validate_changes(claim(), changed)
+
+
+def test_a_draft_is_checked_whole() -> None:
+    draft = {"resourceType": "Claim", "id": "g0129-day", "status": "draft", "use": "claim"}
+    with pytest.raises(InvalidResource):  # no type, patient, provider, priority, insurance...
+        validate_changes(None, draft)

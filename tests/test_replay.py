@@ -1,0 +1,107 @@
+"""Streaming replay: partitions, workers and shards change how the work is cut, never the results."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+import adapter.replay
+from adapter import jsonio
+from adapter.cli import main
+from adapter.fhir_models import validate
+
+from .conftest import FIXTURES, INVALID_FIXTURES
+
+FILES = ("decisions", "claims", "errors")
+
+
+def replay(out: Path, *args: str) -> tuple[int, dict[str, bytes]]:
+    code = main(["replay", *args, "--out", str(out), "--no-progress"], stdout=io.StringIO(), stderr=io.StringIO())
+    return code, {name: (out / f"{name}.ndjson").read_bytes() for name in FILES}
+
+
+def lines(outputs: dict[str, bytes]) -> dict[str, list[bytes]]:
+    return {name: sorted(data.splitlines()) for name, data in outputs.items()}
+
+
+@pytest.fixture
+def small_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions of ~20 KB: the fixtures spread over a few dozen of them."""
+    monkeypatch.setattr(adapter.replay, "PARTITION_BYTES", 20_000)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, bytes]]:
+    """The scenarios replayed as one partition, in one process."""
+    return replay(tmp_path_factory.mktemp("whole"), str(FIXTURES), str(INVALID_FIXTURES), "--workers", "1")
+
+
+def test_partitions_decide_as_one_whole_and_workers_write_the_same_bytes(tmp_path: Path, whole, small_partitions) -> None:
+    code, one = replay(tmp_path / "one", str(FIXTURES), str(INVALID_FIXTURES), "--workers", "1")
+    assert (code, lines(one)) == (whole[0], lines(whole[1]))
+    assert one["decisions"].count(b"\n") == 61 and one["errors"], "every scenario decided, the invalid ones reported"
+    code, two = replay(tmp_path / "two", str(FIXTURES), str(INVALID_FIXTURES), "--workers", "2")
+    assert (code, two) == (whole[0], one), "byte for byte, whatever the number of workers"
+
+
+def test_shards_split_the_patients_between_them(tmp_path: Path, whole, small_partitions) -> None:
+    union: dict[str, list[bytes]] = defaultdict(list)
+    encounters: list[str] = []
+    for index in range(3):
+        _, out = replay(tmp_path / f"shard-{index}", str(FIXTURES), str(INVALID_FIXTURES), "--shard", f"{index}/3")
+        assert out["decisions"], f"shard {index}/3 has patients"
+        for name, data in out.items():
+            union[name].extend(data.splitlines())
+        encounters += [orjson.loads(d)["encounter"] for d in out["decisions"].splitlines()]
+    assert len(encounters) == len(set(encounters)), "no encounter is decided by two shards"
+    assert {name: sorted(found) for name, found in union.items()} == lines(whole[1])
+
+
+def _bulk_export(bundles: list[Path], folder: Path) -> None:
+    """The bundles' resources as a FHIR Bulk Data export: one NDJSON file per resource type,
+    no Bundle, no fullUrl."""
+    by_type: dict[str, list[bytes]] = defaultdict(list)
+    for path in bundles:
+        for item in jsonio.loads(path.read_bytes())["entry"]:
+            by_type[item["resource"]["resourceType"]].append(jsonio.dumps(item["resource"]))
+    folder.mkdir()
+    for rtype, found in by_type.items():
+        (folder / f"{rtype}.ndjson").write_bytes(b"\n".join(found) + b"\n")
+
+
+def test_a_bulk_export_decides_as_its_bundles(tmp_path: Path, small_partitions) -> None:
+    # Transaction bundles refer by urn:uuid fullUrls, which an export does not have.
+    bundles = [p for p in sorted(FIXTURES.glob("*.json")) if ".expected." not in p.name and b"urn:uuid:" not in p.read_bytes()]
+    _bulk_export(bundles, tmp_path / "export")
+    _, from_bundles = replay(tmp_path / "a", *map(str, bundles), "--workers", "1")
+    _, from_export = replay(tmp_path / "b", str(tmp_path / "export"), "--workers", "2")
+    assert lines(from_export)["decisions"] == lines(from_bundles)["decisions"]
+    assert lines(from_export)["claims"] == lines(from_bundles)["claims"]
+
+
+def test_decimals_keep_their_text_through_the_partitions(tmp_path: Path, small_partitions) -> None:
+    export = tmp_path / "export"
+    _bulk_export([FIXTURES / "59-claim-with-decimals-and-vendor-extensions.json"], export)
+    claim_line = (export / "Claim.ndjson").read_bytes()
+    assert b"125.00" in claim_line
+    _, out = replay(tmp_path / "out", str(export))
+    assert out["claims"].count(b"125.00") == claim_line.count(b"125.00")
+
+
+def test_every_claim_written_is_valid_r4_as_a_whole(whole) -> None:
+    # The default validation looks at what we add; the whole Claims still validate.
+    claims = whole[1]["claims"].splitlines()
+    assert claims
+    for line in claims:
+        validate(orjson.loads(line), "claims.ndjson")
+
+
+@pytest.mark.parametrize("argv", [["--shard", "3/3"], ["--shard", "-1/2"], ["--shard", "x"], ["--workers", "0"], ["--validate", "some"]])
+def test_bad_workers_and_shards_are_usage_errors(tmp_path: Path, argv: list[str]) -> None:
+    err = io.StringIO()
+    assert main(["replay", str(FIXTURES), "--out", str(tmp_path), *argv], stdout=io.StringIO(), stderr=err) == 2
+    assert err.getvalue().strip().splitlines()[-1].startswith("usage:") or "error:" in err.getvalue()
