@@ -2,6 +2,7 @@
 
     g0129 replay PATH... [--out DIR]     decide, write decisions/claims/errors NDJSON
           [--fhir-base URL [--dry-run]]  ... and write the annotated Claims to a FHIR server
+          [--bulk-export URL [--since INSTANT] [--group ID]]  ... of a FHIR Bulk Data export
     g0129 evaluate PATH...               print decisions as NDJSON, write nothing
     g0129 rules [--json]                 the rule catalog, with sources and status
     g0129 rules check [DIR]              every problem of a rule table directory
@@ -29,8 +30,8 @@ import sys
 import tempfile
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,7 @@ import orjson
 # second code keeps mypy quiet where those stubs happen to be installed.
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
+from .bulk import Export, bulk_export, check_group, check_instant
 from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
 from .fhir_client import FHIRClient
 from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files, load_paths
@@ -51,6 +53,7 @@ from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, l
 from .settings import Settings
 from .sinks import DirectorySink, error_record
 from .subscribe import SubscriptionResult, subscribe
+from .vocabulary import decision_resource_types
 from .writeback import Writer, push_claims
 
 __all__ = ["main"]
@@ -197,9 +200,49 @@ def _make_out(out: Path) -> None:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _check_base_url(url: str) -> None:
+def _check_base_url(url: str, option: str = "--fhir-base") -> None:
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--fhir-base must be an http(s) URL, got {url!r}")
+        raise UsageError(f"{option} must be an http(s) URL, got {url!r}")
+
+
+def _check_bulk_args(args: argparse.Namespace) -> None:
+    if args.bulk_export is None:
+        for option, value in (("--since", args.since), ("--group", args.group)):
+            if value is not None:
+                raise UsageError(f"{option} needs --bulk-export: it chooses what the export holds")
+        if not args.paths:
+            raise UsageError("say what to replay: PATH... (files or directories), or --bulk-export URL")
+        return
+    _check_base_url(args.bulk_export, "--bulk-export")
+    if args.since is not None:
+        check_instant(args.since)
+    if args.group is not None:
+        check_group(args.group)
+
+
+@contextmanager
+def _bulk_files(args: argparse.Namespace, rules: RuleSet, stdout: IO[str]) -> Iterator[Export | None]:
+    """With --bulk-export: the export downloaded into a directory inside --out (the disk chosen
+    for the output has room for it), removed at the end. Auth as every FHIR call: G0129_*."""
+    if args.bulk_export is None:
+        yield None
+        return
+    settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.bulk_export.rstrip("/"))
+
+    async def run(directory: Path) -> Export:
+        async with FHIRClient.from_settings(settings) as client:
+            return await bulk_export(
+                client, directory, decision_resource_types(rules), since=args.since, group=args.group,
+                poll=settings.http_retry_policy(), max_wait=settings.bulk_export_max_wait,
+            )
+
+    with tempfile.TemporaryDirectory(prefix=".g0129-bulk-", dir=args.out) as directory:
+        export = asyncio.run(run(Path(directory)))
+        stdout.write(
+            f"g0129 replay: bulk export of {args.bulk_export}: {len(export.files)} file(s), "
+            f"as of {export.transaction_time} (the --since of the next export)\n"
+        )
+        yield export
 
 
 def _report_errors(errors: list[InputError], stderr: IO[str]) -> None:
@@ -212,16 +255,21 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
         raise UsageError("--dry-run needs --fhir-base: it shows what would be written to that server")
     if args.fhir_base:
         _check_base_url(args.fhir_base)
+    _check_bulk_args(args)
     _check_out(args.out)
-    files = _input_files(args.paths, stderr)
+    files = _input_files(args.paths, stderr) if args.paths else []
     rules = ctx.rules()
     _make_out(args.out)
     # Held from the start: a second run into the same --out is refused before any work, and a
     # run that fails or is interrupted leaves the previous outputs as they were.
-    with DirectorySink(args.out) as sink:
+    with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout) as export:
+        if export is not None:
+            files += export.files
+            args.paths = args.paths or [Path(args.bulk_export)]  # names the input in messages
         with _Progress(stderr, args.progress) as progress:
             index, errors, nfiles = _load(files, args.paths, progress, args.max_file_bytes)
             result = evaluate(index, rules, validate_claims=args.validate, progress=progress.pipeline)
+        errors.extend(export.errors if export is not None else ())
         errors.extend(result.errors)
         outcomes = Counter(d.outcome for d in result.decisions)
         by_rule = Counter((f.rule, f.severity) for d in result.decisions for f in d.findings)
@@ -464,7 +512,10 @@ def _parser() -> argparse.ArgumentParser:
     common = [_global_options(True)]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     replay = sub.add_parser("replay", parents=common, help="decide FHIR bundles/NDJSON offline and write the results to a directory")
-    replay.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")
+    replay.add_argument(
+        "paths", nargs="*", type=Path, metavar="PATH",
+        help="Bundle, resource, NDJSON file or directory (read recursively); optional with --bulk-export",
+    )
     replay.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="output directory (default: ./out)")
     _max_file_bytes(replay)
     replay.add_argument(
@@ -473,6 +524,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--fhir-base", metavar="URL", help="also write the annotated Claims to this FHIR server (If-Match, Provenance)")
     replay.add_argument("--dry-run", action="store_true", help="with --fhir-base: print the Claim diffs, write nothing")
+    replay.add_argument(
+        "--bulk-export", metavar="BASE_URL",
+        help="read a FHIR Bulk Data export of this server ($export of what the decision reads; auth from G0129_FHIR_AUTH)",
+    )
+    replay.add_argument("--since", metavar="INSTANT", help="with --bulk-export: only resources changed after this FHIR instant (_since)")
+    replay.add_argument("--group", metavar="ID", help="with --bulk-export: only this Group's patients (Group/ID/$export)")
     replay.set_defaults(run=_replay)
     evaluate_ = sub.add_parser("evaluate", parents=common, help="print decisions as NDJSON on stdout; write nothing")
     evaluate_.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")
