@@ -169,11 +169,14 @@ def _size(path: Path) -> int:
         return 0  # reported as an input error when it is read
 
 
-def _load(files: list[Path], paths: list[Path], progress: _Progress, max_file_bytes: int) -> tuple[Index, list[InputError], int]:
+def _load(
+    files: list[Path], paths: list[Path], progress: _Progress, max_file_bytes: int, may_be_empty: bool = False
+) -> tuple[Index, list[InputError], int]:
+    """`may_be_empty`: no resource is no usage error (an incremental export with nothing new)."""
     progress.start("reading", sum(_size(f) for f in files), "B", in_bytes=True)
     index, errors, nfiles = load_paths(files, on_bytes=progress.advance, max_file_bytes=max_file_bytes)
     progress.close()
-    if not len(index) and not errors:
+    if not len(index) and not errors and not may_be_empty:
         names = ", ".join(str(p) for p in paths)
         raise UsageError(f"no FHIR resources in {names} ({nfiles} file(s) read, each empty or an empty Bundle)")
     return index, errors, nfiles
@@ -265,9 +268,8 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
     with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout) as export:
         if export is not None:
             files += export.files
-            args.paths = args.paths or [Path(args.bulk_export)]  # names the input in messages
         with _Progress(stderr, args.progress) as progress:
-            index, errors, nfiles = _load(files, args.paths, progress, args.max_file_bytes)
+            index, errors, nfiles = _load(files, args.paths, progress, args.max_file_bytes, may_be_empty=export is not None)
             result = evaluate(index, rules, validate_claims=args.validate, progress=progress.pipeline)
         errors.extend(export.errors if export is not None else ())
         errors.extend(result.errors)

@@ -302,6 +302,16 @@ def test_replay_reports_the_exports_errors_and_exits_1(ehr: respx.MockRouter, tm
     assert (tmp_path / "decisions.ndjson").read_bytes(), "the rest is still decided"
 
 
+def test_an_export_with_nothing_new_is_a_run_with_nothing_to_decide(ehr: respx.MockRouter, tmp_path: Path) -> None:
+    kick_off(ehr)
+    ehr.get(STATUS).respond(200, json=manifest([]))
+    ehr.delete(STATUS).respond(202)
+    code, out, err = run("replay", "--bulk-export", BASE, "--since", "2026-11-27T00:00:00Z", "--out", str(tmp_path))
+    assert (code, err) == (0, "")
+    assert "bulk export of http://ehr.test/fhir: 0 file(s)" in out and "encounters: 0 seen" in out
+    assert [(tmp_path / n).read_bytes() for n in ("decisions.ndjson", "claims.ndjson", "errors.ndjson")] == [b"", b"", b""]
+
+
 def test_a_failed_export_is_one_line_and_exit_1(ehr: respx.MockRouter, tmp_path: Path) -> None:
     ehr.get(f"{BASE}/Group/nope/$export").respond(404, json=outcome("HAPI-2001: Resource Group/nope is not known"))
     code, out, err = run("replay", "--bulk-export", BASE, "--group", "nope", "--out", str(tmp_path / "o"))
