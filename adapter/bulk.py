@@ -42,7 +42,7 @@ from .errors import (
     UsageError,
 )
 from .fhir_client import FHIRClient, outcome_text
-from .notifications import ID_PATTERN, INSTANT_PATTERN
+from .notifications import ID_PATTERN, INSTANT_PATTERN, TYPE_PATTERN
 from .retry import RetryPolicy, parse_retry_after
 from .settings import Settings
 from .vocabulary import SHARED_RESOURCE_TYPES
@@ -56,6 +56,7 @@ NDJSON = "application/fhir+ndjson"
 DEFAULT_MAX_WAIT = Settings().bulk_export_max_wait
 _INSTANT = re.compile(INSTANT_PATTERN)
 _ID = re.compile(ID_PATTERN)
+_TYPE = re.compile(TYPE_PATTERN)
 
 
 def check_instant(value: str) -> str:
@@ -116,8 +117,9 @@ def _files(manifest: dict[str, Any], key: str, where: str) -> tuple[ManifestFile
     for n, item in enumerate(items):
         type_ = item.get("type") if isinstance(item, dict) else None
         url = item.get("url") if isinstance(item, dict) else None
-        if not isinstance(type_, str) or not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise BadManifest(f"bulk export manifest from {where}: {key}[{n}] needs a type and an http(s) url")
+        # The type names the file on disk: a resource type's shape, never a path.
+        if not isinstance(type_, str) or not _TYPE.fullmatch(type_) or not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise BadManifest(f"bulk export manifest from {where}: {key}[{n}] needs a resource type and an http(s) url")
         files.append(ManifestFile(type_, url))
     return tuple(files)
 

@@ -170,6 +170,19 @@ def test_a_group_export_brings_the_shared_resources_from_the_system(ehr: respx.M
     assert [p.read_bytes()[:30] for p in result.files] == [b'{"resourceType":"Patient","id"', b'{"resourceType":"Organization"']
 
 
+def test_a_patient_level_export_brings_the_shared_resources_from_the_system(ehr: respx.MockRouter, tmp_path: Path) -> None:
+    patients = kick_off(ehr, "/Patient/$export", f"{BASE}/$export-poll-status?_jobId=p")
+    system = kick_off(ehr, "/$export", f"{BASE}/$export-poll-status?_jobId=s")
+    ehr.get(url__startswith=f"{BASE}/$export-poll-status").respond(200, json=manifest([]))
+    ehr.delete(url__startswith=f"{BASE}/$export-poll-status").respond(202)
+
+    assert export(tmp_path, patients=True, since="2026-01-01T00:00:00Z").files == ()
+
+    assert patients.calls.last.request.url.params["_type"] == "Claim,Encounter,Patient"
+    assert system.calls.last.request.url.params["_type"] == "Organization,Practitioner"
+    assert system.calls.last.request.url.params["_since"] == "2026-01-01T00:00:00Z"
+
+
 def test_the_error_files_outcomes_are_input_errors(ehr: respx.MockRouter, tmp_path: Path) -> None:
     kick_off(ehr)
     ehr.get(STATUS).respond(200, json=manifest([], error=[f"{BASE}/Binary/e"]))
@@ -230,7 +243,8 @@ def test_an_export_that_never_finishes_times_out_within_the_bound_and_is_cancell
         (orjson.dumps({"requiresAccessToken": True, "output": []}), "has no transactionTime"),
         (orjson.dumps({"transactionTime": "t", "requiresAccessToken": "yes", "output": []}), "requiresAccessToken must be true or false"),
         (orjson.dumps({"transactionTime": "t", "requiresAccessToken": True, "output": {}}), "output is not a list"),
-        (orjson.dumps({"transactionTime": "t", "requiresAccessToken": True, "output": [{"type": "Patient"}]}), r"output\[0\] needs a type and an http\(s\) url"),
+        (orjson.dumps({"transactionTime": "t", "requiresAccessToken": True, "output": [{"type": "Patient"}]}), r"output\[0\] needs a resource type and an http\(s\) url"),
+        (orjson.dumps({"transactionTime": "t", "requiresAccessToken": True, "output": [{"type": "../../x", "url": BASE}]}), r"output\[0\] needs a resource type"),
         (orjson.dumps({"transactionTime": "t", "requiresAccessToken": True, "output": [], "error": [{"type": "OperationOutcome", "url": "file:///etc/passwd"}]}), r"error\[0\] needs"),
     ],
 )
