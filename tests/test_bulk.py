@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
-from email.utils import format_datetime
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def outcome(text: str, severity: str = "error") -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": "processing", "diagnostics": text}]}
 
 
-def manifest(output: list[tuple[str, str]], error: list[str] = (), token: bool = True) -> dict[str, Any]:  # type: ignore[assignment]
+def manifest(output: list[tuple[str, str]], error: Sequence[str] = (), token: bool = True) -> dict[str, Any]:
     return {
         "transactionTime": "2026-11-28T10:00:00.000+00:00",
         "request": f"{BASE}/$export",
