@@ -2,6 +2,7 @@
 
     g0129 replay PATH... [--out DIR]     decide, write decisions/claims/errors NDJSON
           [--fhir-base URL [--dry-run]]  ... and write the annotated Claims to a FHIR server
+          [--bulk-export URL [--since INSTANT] [--group ID]]  ... of a FHIR Bulk Data export
     g0129 evaluate PATH...               print decisions as NDJSON, write nothing
     g0129 rules [--json]                 the rule catalog, with sources and status
     g0129 rules check [DIR]              every problem of a rule table directory
@@ -29,12 +30,12 @@ import sys
 import tempfile
 import textwrap
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
@@ -50,6 +51,10 @@ from .pipeline import RunResult
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
 from .settings import Settings
 from .sinks import DirectorySink, error_record
+from .vocabulary import decision_resource_types
+
+if TYPE_CHECKING:
+    from .bulk import Export
 
 __all__ = ["main"]
 
@@ -177,14 +182,18 @@ def _stream(
     write: Callable[[str, bytes], None],
     stderr: IO[str],
     on_decided: Callable[[Index, RunResult], None] | None = None,
+    may_be_empty: bool = False,
+    errors: Sequence[InputError] = (),
 ) -> _Run:
     """Route the inputs into partitions under `scratch`, decide them, and hand each output
-    block to `write(name, ndjson_bytes)` (name: decisions, claims, errors) as it is decided."""
+    block to `write(name, ndjson_bytes)` (name: decisions, claims, errors) as it is decided.
+    `may_be_empty`: no resource at all is no usage error (an incremental export with nothing new);
+    `errors`: input errors met before (a Bulk export's error files), reported first."""
     progress.start("reading", sum(_size(f) for f in files), "B", in_bytes=True)
     plan = replay_.plan(files, scratch, args.shard, args.max_file_bytes, progress.advance)
     totals = _Run(files=plan.files, resources=len(plan.shared))
-    _errors(plan.errors, totals, write, stderr)
-    if not any(plan.spill.sizes) and not len(plan.shared) and not plan.errors:
+    _errors([*errors, *plan.errors], totals, write, stderr)
+    if not any(plan.spill.sizes) and not len(plan.shared) and not plan.errors and not may_be_empty:
         names = ", ".join(str(p) for p in args.paths)
         raise UsageError(f"no FHIR resources in {names} ({plan.files} file(s) read, each empty or an empty Bundle)")
     progress.start("deciding", plan.encounters, "encounter")
@@ -231,9 +240,54 @@ def _make_out(out: Path) -> None:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _check_base_url(url: str) -> None:
+def _check_base_url(url: str, option: str = "--fhir-base") -> None:
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--fhir-base must be an http(s) URL, got {url!r}")
+        raise UsageError(f"{option} must be an http(s) URL, got {url!r}")
+
+
+def _check_bulk_args(args: argparse.Namespace) -> None:
+    from .bulk import check_group, check_instant
+
+    if args.bulk_export is None:
+        for option, value in (("--since", args.since), ("--group", args.group)):
+            if value is not None:
+                raise UsageError(f"{option} needs --bulk-export: it chooses what the export holds")
+        if not args.paths:
+            raise UsageError("say what to replay: PATH... (files or directories), or --bulk-export URL")
+        return
+    _check_base_url(args.bulk_export, "--bulk-export")
+    if args.since is not None:
+        check_instant(args.since)
+    if args.group is not None:
+        check_group(args.group)
+
+
+@contextmanager
+def _bulk_files(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], scratch: Path) -> Iterator[Export | None]:
+    """With --bulk-export: the export downloaded into `scratch` (the run's, inside --out: the
+    disk chosen for the output has room for it), removed at the end. Auth as every FHIR call: G0129_*."""
+    if args.bulk_export is None:
+        yield None
+        return
+    from .bulk import bulk_export
+    from .fhir_client import FHIRClient
+
+    settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.bulk_export.rstrip("/"))
+
+    async def run(directory: Path) -> Export:
+        async with FHIRClient.from_settings(settings) as client:
+            return await bulk_export(
+                client, directory, decision_resource_types(rules), since=args.since, group=args.group,
+                poll=settings.http_retry_policy(), max_wait=settings.bulk_export_max_wait,
+            )
+
+    with tempfile.TemporaryDirectory(prefix="bulk-", dir=scratch) as directory:
+        export = asyncio.run(run(Path(directory)))
+        stdout.write(
+            f"g0129 replay: bulk export of {args.bulk_export}: {len(export.files)} file(s), "
+            f"as of {export.transaction_time} (the --since of the next export)\n"
+        )
+        yield export
 
 
 def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
@@ -241,8 +295,9 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
         raise UsageError("--dry-run needs --fhir-base: it shows what would be written to that server")
     if args.fhir_base:
         _check_base_url(args.fhir_base)
+    _check_bulk_args(args)
     _check_out(args.out)
-    files = _input_files(args.paths, stderr)
+    files = _input_files(args.paths, stderr) if args.paths else []
     rules = ctx.rules()
     _make_out(args.out)
     # Held from the start: a second run into the same --out is refused before any work, and a
@@ -252,9 +307,15 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
     if args.fhir_base:
         def on_decided(index: Index, result: RunResult) -> None:
             pushed.append(asyncio.run(_push(args, index, result, rules, stdout, stderr)))
-    with DirectorySink(args.out) as sink:
+    with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout, sink.scratch) as export:
         with _Progress(stderr, args.progress) as progress:
-            totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
+            if export is None:
+                totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
+            else:
+                totals = _stream(
+                    args, [*files, *export.files], rules, sink.scratch, progress, sink.write_block, stderr, on_decided,
+                    may_be_empty=True, errors=export.errors,
+                )
     by_rule = totals.findings
     stdout.write(f"g0129 replay: {totals.files} file(s), {totals.resources} resource(s) -> {args.out}/\n")
     stdout.write(
@@ -515,7 +576,10 @@ def _parser() -> argparse.ArgumentParser:
     common = [_global_options(True)]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     replay = sub.add_parser("replay", parents=common, help="decide FHIR bundles/NDJSON offline and write the results to a directory")
-    replay.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")
+    replay.add_argument(
+        "paths", nargs="*", type=Path, metavar="PATH",
+        help="Bundle, resource, NDJSON file or directory (read recursively); optional with --bulk-export",
+    )
     replay.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="output directory (default: ./out)")
     _max_file_bytes(replay)
     replay.add_argument(
@@ -534,6 +598,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--fhir-base", metavar="URL", help="also write the annotated Claims to this FHIR server (If-Match, Provenance)")
     replay.add_argument("--dry-run", action="store_true", help="with --fhir-base: print the Claim diffs, write nothing")
+    replay.add_argument(
+        "--bulk-export", metavar="BASE_URL",
+        help="read a FHIR Bulk Data export of this server ($export of what the decision reads; auth from G0129_FHIR_AUTH)",
+    )
+    replay.add_argument("--since", metavar="INSTANT", help="with --bulk-export: only resources changed after this FHIR instant (_since)")
+    replay.add_argument("--group", metavar="ID", help="with --bulk-export: only this Group's patients (Group/ID/$export)")
     replay.set_defaults(run=_replay)
     evaluate_ = sub.add_parser("evaluate", parents=common, help="print decisions as NDJSON on stdout; write nothing")
     evaluate_.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="Bundle, resource, NDJSON file or directory (read recursively)")

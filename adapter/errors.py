@@ -12,7 +12,12 @@
         ├── TransientFHIRError     retrying can fix it (network, timeout, 429, 5xx)
         ├── VersionConflict        409/412 on a conditional write: re-read, re-decide
         └── FatalFHIRError         retrying cannot fix it (other 4xx, bad response)
-            └── AuthError          the server or token endpoint refused our credentials
+            ├── AuthError          the server or token endpoint refused our credentials
+            └── BulkExportError    a FHIR Bulk Data export could not be had:
+                ├── ExportRefused      the kick-off was refused (4xx, with its OperationOutcome)
+                ├── ExportFailed       the server reported the export as failed
+                ├── ExportTimedOut     not complete within the time we wait
+                └── BadManifest        the completed export's manifest is not one we can read
 
 The split between transient and fatal lets the worker decide to retry without guessing.
 """
@@ -24,6 +29,11 @@ from typing import Any
 __all__ = [
     "AdapterError",
     "AuthError",
+    "BadManifest",
+    "BulkExportError",
+    "ExportFailed",
+    "ExportRefused",
+    "ExportTimedOut",
     "FHIRError",
     "FatalFHIRError",
     "InputError",
@@ -132,4 +142,25 @@ class FatalFHIRError(FHIRError):
 
 
 class AuthError(FatalFHIRError):
+    pass
+
+
+class BulkExportError(FatalFHIRError):
+    """A FHIR Bulk Data export (`replay --bulk-export`) could not be had; the message says at
+    which step and what the server said."""
+
+
+class ExportRefused(BulkExportError):
+    pass
+
+
+class ExportFailed(BulkExportError):
+    pass
+
+
+class ExportTimedOut(BulkExportError):
+    pass
+
+
+class BadManifest(BulkExportError):
     pass

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -37,7 +40,7 @@ from adapter.errors import (
 from adapter.retry import RetryPolicy, parse_retry_after
 from adapter.settings import Settings
 
-__all__ = ["FHIRClient", "FHIRResponse", "SearchParams"]
+__all__ = ["FHIRClient", "FHIRResponse", "SearchParams", "outcome_text"]
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +249,47 @@ class FHIRClient:
         )
         return _json(await self._request("POST", self.base_url, json_body=bundle, idempotent=reads_only))
 
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: SearchParams | None = None,
+        headers: Mapping[str, str] | None = None,
+        authenticate: bool = True,
+    ) -> httpx.Response:
+        """One request to a URL of this server's origin (an operation, a status URL a server
+        handed out), with the same retries and error mapping as every other call. Only GET and
+        DELETE, which are idempotent. `authenticate=False` sends no credentials."""
+        if method not in ("GET", "DELETE"):
+            raise ValueError(f"send() is for GET and DELETE, not {method}")
+        return await self._request(
+            method, self._own_url(url), params=params, headers=dict(headers or {}), authenticate=authenticate
+        )
+
+    async def download(
+        self, url: str, path: Path, *, headers: Mapping[str, str] | None = None, authenticate: bool = True
+    ) -> int:
+        """GET `url` into the file `path`, streamed (never the whole body in memory); the number
+        of bytes written. A retried download starts the file again. With credentials, only a
+        URL of this server's origin; without (`authenticate=False`), any http(s) URL, such as
+        the signed URLs some servers hand out for Bulk Data files."""
+        written = 0
+
+        async def to_file(response: httpx.Response) -> None:
+            nonlocal written
+            written = 0
+            with path.open("wb") as sink:
+                async for chunk in response.aiter_bytes():
+                    sink.write(chunk)
+                    written += len(chunk)
+                sink.flush()
+                os.fsync(sink.fileno())
+
+        target = self._own_url(url) if authenticate else url
+        await self._request("GET", target, headers=dict(headers or {}), authenticate=authenticate, consume=to_file)
+        return written
+
     async def capabilities(self) -> dict[str, Any]:
         """GET `[base]/metadata`: the CapabilityStatement, which also proves the server is up."""
         statement = _json(await self._request("GET", f"{self.base_url}/metadata"))
@@ -259,6 +303,15 @@ class FHIRClient:
         if resource_id is None:
             return f"{self.base_url}/{resource_type}"
         return f"{self.base_url}/{resource_type}/{_checked_id(resource_id)}"
+
+    def _own_url(self, url: str) -> str:
+        """`url`, absolute or relative to the base, when it is on this server's origin: our
+        credentials go nowhere else."""
+        if not url.startswith(("http://", "https://")):
+            return f"{self.base_url}/{url.lstrip('/')}"
+        if _origin(url) != _origin(self.base_url):
+            raise FatalFHIRError(f"{url} is not on {self.base_url}'s server; not sending our credentials there")
+        return url
 
     def _page_url(self, url: str) -> str:
         # Paging links are absolute; one pointing off our server would carry our token there.
@@ -275,8 +328,13 @@ class FHIRClient:
         json_body: Mapping[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         idempotent: bool = True,
+        authenticate: bool = True,
+        consume: Callable[[httpx.Response], Awaitable[None]] | None = None,
     ) -> httpx.Response:
-        """Send one request, retrying what the policy allows; raise the mapped error."""
+        """Send one request, retrying what the policy allows; raise the mapped error.
+
+        `consume` reads a successful answer's body as it streams in (it is then not kept);
+        any other body is read whole, for its OperationOutcome."""
         headers = dict(headers or {})
         # A tuple of pairs: the one shape httpx takes for both of ours, repeated keys intact.
         query = None
@@ -290,9 +348,8 @@ class FHIRClient:
         while True:
             attempt += 1
             try:
-                response = await self._http.request(
-                    method, url, params=query, content=content, headers=headers
-                )
+                request = self._http.build_request(method, url, params=query, content=content, headers=headers)
+                response = await self._send(request, authenticate, consume)
             except httpx.UnsupportedProtocol as exc:
                 raise FatalFHIRError(f"{method} {url}: {exc}") from exc
             except httpx.TransportError as exc:
@@ -318,6 +375,30 @@ class FHIRClient:
             if self._on_retry is not None:
                 self._on_retry(error)
             await self._sleep(delay)
+
+
+    async def _send(
+        self,
+        request: httpx.Request,
+        authenticate: bool,
+        consume: Callable[[httpx.Response], Awaitable[None]] | None,
+    ) -> httpx.Response:
+        # `auth=None` on a request turns the client's auth off for it (httpx's own convention).
+        auth = httpx.USE_CLIENT_DEFAULT if authenticate else None
+        response = await self._http.send(request, auth=auth, stream=True)
+        try:
+            if consume is not None and response.is_success:
+                await consume(response)
+            else:
+                await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc.lower()
 
 
 def _checked_id(value: str) -> str:
@@ -390,14 +471,22 @@ def _status_error(
 def _outcome_text(response: httpx.Response) -> str:
     """The human text of an OperationOutcome body, if the error came with one."""
     try:
-        outcome = orjson.loads(response.content)
+        return outcome_text(orjson.loads(response.content))
     except orjson.JSONDecodeError:
         return ""
+
+
+def outcome_text(outcome: Any) -> str:
+    """The human text of an OperationOutcome (its issues' diagnostics, else details.text), or
+    "" for anything else."""
     if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
         return ""
     texts = []
     for issue in outcome.get("issue", []):
-        text = issue.get("diagnostics") or issue.get("details", {}).get("text")
+        if not isinstance(issue, dict):
+            continue
+        details = issue.get("details")
+        text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
         if isinstance(text, str) and text:
             texts.append(text)
     return "; ".join(texts)

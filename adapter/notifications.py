@@ -33,6 +33,7 @@ from .fhir_models import is_resource_type
 
 __all__ = [
     "ID_PATTERN",
+    "INSTANT_PATTERN",
     "MAX_DEPTH",
     "MAX_EVENT_NUMBER",
     "TYPE_PATTERN",
@@ -58,10 +59,12 @@ MAX_EVENT_NUMBER = 2**63 - 1
 # FHIR's id; and the shape of a resource type name (which ones exist, the models say).
 ID_PATTERN = r"[A-Za-z0-9\-.]{1,64}"
 TYPE_PATTERN = r"[A-Z][A-Za-z]{0,63}"
+# The shape of a FHIR instant (whether its date exists, `datetime.fromisoformat` says).
+INSTANT_PATTERN = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})"
 _ID = re.compile(ID_PATTERN)
 _TYPE = re.compile(TYPE_PATTERN)
 _NUMBER = re.compile(r"-?[0-9]+")
-_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
+_INSTANT = re.compile(INSTANT_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)

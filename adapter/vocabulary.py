@@ -26,7 +26,10 @@ __all__ = [
     "CLAIM_STATUSES",
     "COVERAGE_STATUSES",
     "ENCOUNTER_STATUSES",
+    "DECISION_RESOURCE_TYPES",
+    "SHARED_RESOURCE_TYPES",
     "claim_encounter_references",
+    "decision_resource_types",
     "draft_identifier",
     "ehr_view",
     "is_candidate_claim",
@@ -67,6 +70,22 @@ ENCOUNTER_STATUSES = frozenset(
 )
 COVERAGE_STATUSES = frozenset(("active", "cancelled", "draft", "entered-in-error"))
 CLAIM_STATUSES = COVERAGE_STATUSES  # both bind to fm-status
+
+# Every resource type a decision reads (case.py), besides the documentation evidence the rule
+# tables name: a Bulk Data export for replay asks for these and no others (`_type`).
+DECISION_RESOURCE_TYPES = (
+    "Patient", "Encounter", "EpisodeOfCare", "Procedure", "Condition", "Claim", "Coverage",
+    "Organization", "Practitioner", "PractitionerRole",
+)
+# Those outside the Patient compartment: a Patient- or Group-level export leaves them out (HAPI
+# fails the job if asked), so they come from a system-level export of their own.
+SHARED_RESOURCE_TYPES = ("Organization", "Practitioner", "PractitionerRole")
+
+
+def decision_resource_types(rules: RuleSet) -> tuple[str, ...]:
+    """DECISION_RESOURCE_TYPES and the documentation evidence types of `rules`, sorted."""
+    evidence = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
+    return tuple(sorted({*DECISION_RESOURCE_TYPES, *evidence}))
 
 
 def claim_encounter_references(claim: Resource) -> Iterator[Any]:

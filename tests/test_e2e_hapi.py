@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, timedelta
+from email.utils import parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -353,13 +355,20 @@ def test_catch_up_after_downtime_processes_every_encounter_once(adapter: tuple[A
         assert provenances(f"Claim/{prefix}-claim") == 1, prefix
 
 
+def _fixture_entries(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".ndjson":
+        return [{"resource": orjson.loads(line)} for line in path.read_bytes().splitlines() if line.strip()]
+    return orjson.loads(path.read_bytes())["entry"]  # type: ignore[no-any-return]
+
+
+def _fixture_resources(path: Path) -> list[dict[str, Any]]:
+    return [e["resource"] for e in _fixture_entries(path)]
+
+
 def _fixture_transaction(path: Path) -> dict[str, Any]:
     """A fixture as a transaction of PUTs under its own ids; its fullUrls are kept, so
     `urn:uuid:` references inside it resolve."""
-    if path.suffix == ".ndjson":
-        entries = [{"resource": orjson.loads(line)} for line in path.read_bytes().splitlines() if line.strip()]
-    else:
-        entries = orjson.loads(path.read_bytes())["entry"]
+    entries = _fixture_entries(path)
     out = []
     for entry in entries:
         r = entry["resource"]
@@ -480,3 +489,90 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
     assert _ehr_part(written) == _ehr_part(_version("Claim/php59-claim", str(int(written["meta"]["versionId"]) - 1)))
     again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
     assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout
+
+
+# -- Bulk Data export as replay's input ----------------------------------------------------------
+
+# HAPI answers every status poll with Retry-After: 120; its test server is done in seconds.
+BULK_ENV = {"G0129_RETRY_AFTER_CAP": "1", "G0129_BULK_EXPORT_MAX_WAIT": "300"}
+
+
+def _fresh_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Each fixture under ids of its own (its id prefix, e.g. `php01-`, made unique), loaded into
+    HAPI; returns the copies, which replay reads from files."""
+    run = f"b{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    copies = []
+    for path in paths:
+        raw = path.read_bytes()
+        first = (orjson.loads(raw.splitlines()[0]) if path.suffix == ".ndjson" else orjson.loads(raw)["entry"][0]["resource"])["id"]
+        old = first.split("-")[0]
+        copy = folder / path.name
+        copy.write_bytes(raw.replace(f"{old}-".encode(), f"{run}{old}-".encode()))
+        post_transaction(_fixture_transaction(copy))
+        copies.append(copy)
+    return copies
+
+
+def _decisions(out: Path) -> dict[str, dict[str, Any]]:
+    decisions = [orjson.loads(line) for line in (out / "decisions.ndjson").read_bytes().splitlines()]
+    by_encounter = {d["encounter"]: d for d in decisions}
+    assert len(by_encounter) == len(decisions)
+    return by_encounter
+
+
+def _server_now() -> str:
+    """The FHIR server's clock (a Date header), a second back: the --since of what comes next."""
+    date = httpx.get(f"{HAPI}/metadata", params={"_summary": "true"}, timeout=30).headers["Date"]
+    return (parsedate_to_datetime(date) - timedelta(seconds=1)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_server_offers_bulk_export_on_the_system_patient_and_group() -> None:
+    rest = fhir.get("/metadata").json()["rest"][0]
+    assert "export" in {o["name"] for o in rest.get("operation", [])}
+    for resource in rest["resource"]:
+        if resource["type"] in ("Patient", "Group"):
+            assert "export" in {o["name"] for o in resource.get("operation", [])}, resource["type"]
+
+
+def test_replay_of_a_bulk_export_decides_as_replay_of_the_same_files(tmp_path: Path) -> None:
+    since = _server_now()
+    valid = [p for p in sorted(FIXTURES.iterdir()) if p.suffix in (".json", ".ndjson") and ".expected." not in p.name]
+    copies = _fresh_copies(valid, tmp_path / "fixtures")
+    exported = g0129("replay", "--bulk-export", HAPI, "--since", since, "--out", str(tmp_path / "bulk"), env=BULK_ENV)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert f"bulk export of {HAPI}: " in exported.stdout
+    files = g0129("replay", str(tmp_path / "fixtures"), "--out", str(tmp_path / "files"))
+    assert files.returncode == 0, files.stdout + files.stderr
+    want = _decisions(tmp_path / "files")
+    assert len(want) >= len(copies)
+    # --since: the export holds what was loaded since, and only that.
+    assert _decisions(tmp_path / "bulk") == want
+    assert not list((tmp_path / "bulk").glob(".g0129-bulk-*")), "the download is removed"
+
+
+def test_replay_of_a_groups_bulk_export_decides_for_its_two_patients(tmp_path: Path) -> None:
+    two = [FIXTURES / "01-medicare-php-hospital.json", FIXTURES / "43-iop-fqhc-bulk-export.ndjson"]
+    copies = _fresh_copies(two, tmp_path / "fixtures")
+    patients = [r["id"] for c in copies for r in _fixture_resources(c) if r["resourceType"] == "Patient"]
+    assert len(patients) == 2
+    group = {
+        "resourceType": "Group", "id": f"g{uuid.uuid4().hex[:10]}", "type": "person", "actual": True,
+        "member": [{"entity": {"reference": f"Patient/{p}"}} for p in patients],
+    }
+    assert fhir.put(f"/Group/{group['id']}", content=orjson.dumps(group)).status_code == 201
+    exported = g0129("replay", "--bulk-export", HAPI, "--group", group["id"], "--out", str(tmp_path / "bulk"), env=BULK_ENV)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    files = g0129("replay", *map(str, copies), "--out", str(tmp_path / "files"))
+    assert files.returncode == 0, files.stdout + files.stderr
+    want = _decisions(tmp_path / "files")
+    assert len(want) == 2
+    # Only the Group's patients: every other patient on the server is left out.
+    assert _decisions(tmp_path / "bulk") == want
+
+
+def test_a_bulk_export_of_an_unknown_group_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    done = g0129("replay", "--bulk-export", HAPI, "--group", "no-such-group", "--out", str(tmp_path), env=BULK_ENV)
+    assert done.returncode == 1
+    assert done.stderr.startswith("g0129: bulk export kick-off refused: ") and "Group/no-such-group is not known" in done.stderr
+    assert done.stderr.count("\n") == 1

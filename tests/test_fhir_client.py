@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -517,3 +518,62 @@ def test_smart_auth_end_to_end(fhir: respx.MockRouter) -> None:
 
     assert token.call_count == 3
     assert claim.call_count == 4
+
+
+# --- send and download ---------------------------------------------------------------------
+
+
+def test_download_streams_to_disk_chunk_by_chunk_and_starts_again_on_a_retry(tmp_path: Path) -> None:
+    target = tmp_path / "Patient.ndjson"
+    on_disk: list[int] = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for n in range(3):
+                on_disk.append(target.stat().st_size)  # what was written before this chunk came
+                yield bytes([ord("a") + n]) * 65536
+
+    answers = iter([httpx.Response(503), httpx.Response(200, stream=Body())])
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return next(answers)
+
+    async def main() -> int:
+        async def no_sleep(_: float) -> None:
+            pass
+
+        transport = httpx.MockTransport(handler)
+        async with FHIRClient(BASE, auth=BearerAuth("tok"), transport=transport, sleep=no_sleep) as client:
+            return await client.download(f"{BASE}/Binary/p", target, headers={"Accept": "application/fhir+ndjson"})
+
+    assert asyncio.run(main()) == 3 * 65536
+    assert on_disk == [0, 65536, 2 * 65536], "each chunk is on disk before the next arrives"
+    assert target.read_bytes() == b"a" * 65536 + b"b" * 65536 + b"c" * 65536
+    assert [r.headers["Authorization"] for r in seen] == ["Bearer tok"] * 2
+
+
+def test_send_and_download_keep_our_credentials_on_our_server(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202 if request.url.path.endswith("$export") else 200, content=b"{}\n")
+
+    async def main() -> None:
+        async with FHIRClient(BASE, auth=BearerAuth("tok"), transport=httpx.MockTransport(handler)) as client:
+            await client.send("GET", "$export", headers={"Prefer": "respond-async"})
+            with pytest.raises(FatalFHIRError, match="not sending our credentials there"):
+                await client.send("GET", "https://files.example.com/p.ndjson")
+            with pytest.raises(FatalFHIRError, match="not sending our credentials there"):
+                await client.download("https://files.example.com/p.ndjson", tmp_path / "p")
+            assert await client.download("https://files.example.com/p.ndjson", tmp_path / "p", authenticate=False) == 3
+
+    asyncio.run(main())
+
+    assert [(str(r.url), r.headers.get("Authorization")) for r in seen] == [
+        (f"{BASE}/$export", "Bearer tok"),
+        ("https://files.example.com/p.ndjson", None),
+    ]
+    assert seen[0].headers["Prefer"] == "respond-async"

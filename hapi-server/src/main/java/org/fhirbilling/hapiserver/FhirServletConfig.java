@@ -1,5 +1,6 @@
 package org.fhirbilling.hapiserver;
 
+import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -36,7 +37,9 @@ public class FhirServletConfig {
 			ISearchParamRegistry searchParamRegistry,
 			IValidationSupport validationSupport,
 			DatabaseBackedPagingProvider pagingProvider,
-			SubscriptionTriggeringProvider subscriptionTriggeringProvider) {
+			SubscriptionTriggeringProvider subscriptionTriggeringProvider,
+			BulkDataExportProvider bulkDataExportProvider,
+			TestServerProperties props) {
 		// No narratives: keeps responses small and avoids Thymeleaf work on every write.
 		fhirContext.setNarrativeGenerator((INarrativeGenerator) null);
 		// Keep the versions the adapter's Provenance names (HAPI's parser strips them by default).
@@ -53,6 +56,11 @@ public class FhirServletConfig {
 		server.registerProvider(systemProvider);
 		// Subscription/$trigger-subscription, to re-send notifications on demand
 		server.registerProvider(subscriptionTriggeringProvider);
+		if (props.isBulkExportEnabled()) {
+			// $export (system, Patient, Group) and $export-poll-status; the CapabilityStatement
+			// below lists the operations of every registered provider.
+			server.registerProvider(bulkDataExportProvider);
+		}
 
 		JpaCapabilityStatementProvider capabilities = new JpaCapabilityStatementProvider(
 				server, systemDao, storageSettings, searchParamRegistry, validationSupport);

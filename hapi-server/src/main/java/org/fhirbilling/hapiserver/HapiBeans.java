@@ -1,5 +1,7 @@
 package org.fhirbilling.hapiserver;
 
+import ca.uhn.fhir.batch2.api.IJobMaintenanceService;
+import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.jpa.api.IDaoRegistry;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
@@ -26,6 +28,7 @@ import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
 import jakarta.persistence.EntityManagerFactory;
 import org.hibernate.dialect.Dialect;
 import org.hl7.fhir.dstu2.model.Subscription.SubscriptionChannelType;
+import org.springframework.beans.factory.SmartInitializingSingleton;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.boot.autoconfigure.orm.jpa.JpaProperties;
 import org.springframework.boot.context.properties.EnableConfigurationProperties;
@@ -68,7 +71,33 @@ public class HapiBeans {
 			settings.setDeleteExpungeEnabled(true);
 			settings.setAllowMultipleDelete(true);
 		}
+		if (props.isBulkExportEnabled()) {
+			// FHIR Bulk Data export ($export on the system, Patient and Group): the adapter's
+			// `replay --bulk-export` reads it. The NDJSON files are stored as Binary resources.
+			settings.setEnableTaskBulkExportJobExecution(true);
+			// Tests export, change the data and export again: an identical request must start a
+			// new job, not hand back the files of the last one (HAPI reuses them by default).
+			settings.setEnableBulkExportJobReuse(false);
+			// Let a job move to its next step as soon as its chunks are done, not at the next
+			// maintenance pass.
+			settings.setJobFastTrackingEnabled(true);
+		}
 		return settings;
+	}
+
+	/**
+	 * Batch2 jobs (bulk export among them) advance and finish in the job maintenance pass, which
+	 * HAPI runs once a minute; an export of a few resources would then take a minute. Set before
+	 * the scheduler starts (it schedules its jobs when the context has been refreshed).
+	 */
+	@Bean
+	public SmartInitializingSingleton batch2MaintenanceInterval(
+			IJobMaintenanceService maintenance, TestServerProperties props) {
+		return () -> {
+			if (maintenance instanceof JobMaintenanceServiceImpl impl) {
+				impl.setScheduledJobFrequencyMillis(props.getBatch2MaintenanceIntervalMs());
+			}
+		};
 	}
 
 	@Bean

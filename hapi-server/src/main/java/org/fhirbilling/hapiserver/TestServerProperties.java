@@ -33,6 +33,12 @@ public class TestServerProperties {
 	/** Allow $expunge and DELETE with several matches (handy for resetting state between tests). */
 	private boolean expungeEnabled = true;
 
+	/** FHIR Bulk Data export ({@code $export} on the system, Patient and Group, and its status URL). */
+	private boolean bulkExportEnabled = true;
+
+	/** Interval (ms) of HAPI's batch2 job maintenance pass, which moves a bulk export to its end. */
+	private long batch2MaintenanceIntervalMs = 1000;
+
 	public String getFhirPath() {
 		return fhirPath;
 	}
@@ -79,5 +85,21 @@ public class TestServerProperties {
 
 	public void setExpungeEnabled(boolean expungeEnabled) {
 		this.expungeEnabled = expungeEnabled;
+	}
+
+	public boolean isBulkExportEnabled() {
+		return bulkExportEnabled;
+	}
+
+	public void setBulkExportEnabled(boolean bulkExportEnabled) {
+		this.bulkExportEnabled = bulkExportEnabled;
+	}
+
+	public long getBatch2MaintenanceIntervalMs() {
+		return batch2MaintenanceIntervalMs;
+	}
+
+	public void setBatch2MaintenanceIntervalMs(long batch2MaintenanceIntervalMs) {
+		this.batch2MaintenanceIntervalMs = batch2MaintenanceIntervalMs;
 	}
 }
