@@ -9,7 +9,7 @@ through a few thousand files without holding more than the buffer.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +22,9 @@ _BUFFER_BYTES = 32 << 20
 
 
 def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
-    """(shard, partition) of a route key: stable across runs, processes and machines (a keyed
-    hash, never Python's `hash`, which differs per process), independent of each other."""
-    h = int.from_bytes(hashlib.blake2b(route.encode(), digest_size=8).digest(), "big")
+    """(shard, partition) of a route key: stable across runs, processes and machines (CRC-32,
+    never Python's `hash`, which differs per process), independent of each other."""
+    h = zlib.crc32(route.encode())
     return h % shards, (h // shards) % partitions
 
 
@@ -43,7 +43,10 @@ class Spill:
 
     def add(self, partition: int, source: str, full_url: str | None, resource: bytes) -> None:
         record = orjson.dumps([source, full_url]) + b"\n" + resource.rstrip(b"\r\n") + b"\n"
-        self._buffers.setdefault(partition, bytearray()).extend(record)
+        buffer = self._buffers.get(partition)
+        if buffer is None:
+            buffer = self._buffers[partition] = bytearray()
+        buffer += record
         self._buffered += len(record)
         self.sizes[partition] += len(record)
         if self._buffered >= _BUFFER_BYTES:
