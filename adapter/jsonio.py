@@ -23,6 +23,11 @@ __all__ = ["FhirDecimal", "copy", "dumps", "loads"]
 # A number with a fraction or an exponent right after a JSON structural character. It may also
 # match inside a string (", 1.5"): then the exact reading runs for nothing, which is only slower.
 _DECIMAL = re.compile(rb"[:,\[]\s*-?[0-9]+(?:\.[0-9]|[eE])")
+# What every such number holds: a digit, then `.` and a digit, or `e`/`E`. Each pattern starts
+# with a literal, which the regular expression engine finds at memchr speed; `_DECIMAL` tries
+# at every `:` and `,` of a document and costs more than parsing it. Most documents hold none
+# of the three, and `_DECIMAL` is asked only about those that do.
+_MAYBE_DECIMAL = tuple(re.compile(p) for p in (rb"\.(?<=[0-9]\.)[0-9]", rb"e(?<=[0-9]e)[-+0-9]", rb"E(?<=[0-9]E)[-+0-9]"))
 
 
 class FhirDecimal(float):
@@ -48,7 +53,7 @@ def loads(data: bytes | str) -> Any:
     """Parse JSON (raises orjson.JSONDecodeError, a ValueError, when it is not valid JSON)."""
     value = orjson.loads(data)
     raw = data.encode() if isinstance(data, str) else data
-    if _DECIMAL.search(raw):
+    if any(p.search(raw) for p in _MAYBE_DECIMAL) and _DECIMAL.search(raw):
         # orjson has already judged the document valid JSON; this reading only keeps the text.
         try:
             return json.loads(raw, parse_float=FhirDecimal, parse_constant=_reject_constant)

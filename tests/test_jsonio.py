@@ -1,0 +1,34 @@
+"""FHIR JSON in and out without losing a digit."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter import jsonio
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"total":{"value":125.00,"currency":"USD"}}',
+        b'{"value":1e5}',
+        b'{"value":-2E-3}',
+        b'{"value":1.5e+2}',
+        b'{"values":[0.10, 3.000]}',
+        b'{"value":0.0}',
+        # Digits and dots inside strings (OIDs, versions, fractional seconds) beside a decimal.
+        b'{"system":"urn:oid:2.16.840.1.113883.6.238","time":"10:00:00.250Z","value":7.50}',
+    ],
+)
+def test_decimals_keep_their_text(document: bytes) -> None:
+    assert jsonio.dumps(jsonio.loads(document)) == document.replace(b", ", b",")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b'{"system":"urn:oid:2.16.840.1.113883.6.238","version":"4.0.1","count":3}', b'{"url":"http://hl7.org/fhir","n":-12}'],
+)
+def test_documents_without_a_decimal_read_the_same(document: bytes) -> None:
+    value = jsonio.loads(document)
+    assert jsonio.dumps(value) == document
+    assert not any(isinstance(v, jsonio.FhirDecimal) for v in value.values())
