@@ -507,7 +507,7 @@ def _parser() -> argparse.ArgumentParser:
     subscribe_.add_argument("--no-payload", dest="payload", action="store_false", help="notify without the resource (the adapter searches)")
     subscribe_.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the Subscriptions to become active (0: don't)")
     subscribe_.set_defaults(run=_subscribe)
-    queue = sub.add_parser("queue", parents=common, help="the durable job queue under G0129_DATA_DIR")
+    queue = sub.add_parser("queue", parents=common, help="the durable job queue (G0129_DATABASE_URL, default: a file under G0129_DATA_DIR)")
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     list_ = actions.add_parser("list", parents=common, help="list jobs in a state")
     list_.add_argument("--state", choices=["pending", "dead", "done"], default="pending", help="which jobs (default: pending)")

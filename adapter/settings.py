@@ -64,6 +64,9 @@ class Settings:
     # Secrets stay out of repr so logging a Settings never leaks them.
     webhook_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path("./data")
+    # Where the job queue lives: `sqlite:///PATH` or `postgresql://...` (adapter/store.py);
+    # None: the SQLite file `queue.sqlite3` in data_dir.
+    database_url: str | None = field(default=None, repr=False)
     fhir_auth: AuthMode = "none"
     fhir_token: str | None = field(default=None, repr=False)
     smart_client_id: str | None = None
@@ -101,6 +104,7 @@ class Settings:
             fhir_base_url=_base_url(env.text("G0129_FHIR_BASE_URL")),
             webhook_token=env.text("G0129_WEBHOOK_TOKEN"),
             data_dir=env.path("G0129_DATA_DIR") or defaults.data_dir,
+            database_url=_database_url(env.text("G0129_DATABASE_URL")),
             fhir_auth=env.choice("G0129_FHIR_AUTH", get_args(AuthMode), defaults.fhir_auth),
             fhir_token=env.text("G0129_FHIR_TOKEN"),
             smart_client_id=env.text("G0129_SMART_CLIENT_ID"),
@@ -153,6 +157,12 @@ class Settings:
 
 def _field(variable: str) -> str:
     return variable.removeprefix("G0129_").lower()
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise UsageError(f"G0129_DATABASE_URL must be sqlite:///PATH or postgresql://..., got {value.split('://')[0]}://...")
+    return value
 
 
 def _base_url(value: str | None) -> str | None:
