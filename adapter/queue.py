@@ -42,12 +42,13 @@ so two workers never claim the same job.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +62,7 @@ from adapter.retry import RetryPolicy
 from adapter.settings import Settings
 from adapter.store import Db, Store, open_store
 
-__all__ = ["CATCH_UP", "QUEUE_BACKOFF", "Job", "JobQueue", "JobState", "NewJob"]
+__all__ = ["CATCH_UP", "QUEUE_BACKOFF", "GroupCommit", "Job", "JobQueue", "JobState", "NewJob"]
 
 log = logging.getLogger(__name__)
 
@@ -635,6 +636,47 @@ class JobQueue:
         )
         if cursor.rowcount != 1:
             raise UsageError(f"no job {job_id} in the queue")
+
+
+class GroupCommit:
+    """The enqueues of concurrent requests, committed together: while one transaction is being
+    made durable, the requests that arrive wait for the next, which takes them all. One
+    commit (one fsync) then serves many notifications, and each request still has its answer
+    only once its own jobs are durable. Deduplicated as `JobQueue.enqueue_many`, in arrival
+    order; one event loop's requests only (each process has its own)."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._waiting: builtins.list[tuple[builtins.list[NewJob], asyncio.Future[builtins.list[bool]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> builtins.list[bool]:
+        """Store `jobs` durably; for each, True if it is new."""
+        future: asyncio.Future[builtins.list[bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((builtins.list(jobs), future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                jobs = [job for request, _ in batch for job in request]
+                try:
+                    new = await asyncio.to_thread(self.queue.enqueue_many, jobs)
+                except Exception as exc:  # each request of the batch fails with it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for request, future in batch:
+                    if not future.done():  # a request whose client went away
+                        future.set_result(new[start : start + len(request)])
+                    start += len(request)
+        finally:
+            self._flusher = None
 
 
 def _execute_script(db: Db, script: str) -> None:

@@ -86,6 +86,8 @@ class Settings:
     queue_retry_for: float = 3 * 86400.0
     dead_letter_attempts: int = 5
     catchup_interval: float = 60.0
+    # Jobs in flight at once in one process (each for other patients: adapter/worker.py).
+    worker_concurrency: int = 4
     mappings_dir: Path | None = None
     # `g0129 serve`'s logs (adapter/logs.py): one JSON object per line unless `text`.
     log_format: LogFormat = "json"
@@ -125,6 +127,7 @@ class Settings:
                 "G0129_DEAD_LETTER_ATTEMPTS", defaults.dead_letter_attempts
             ),
             catchup_interval=env.seconds("G0129_CATCHUP_INTERVAL", defaults.catchup_interval),
+            worker_concurrency=env.positive_int("G0129_WORKER_CONCURRENCY", defaults.worker_concurrency),
             mappings_dir=env.path("G0129_MAPPINGS_DIR"),
             log_format=env.choice("G0129_LOG_FORMAT", get_args(LogFormat), defaults.log_format),
             log_level=env.choice("G0129_LOG_LEVEL", get_args(LogLevel), defaults.log_level),

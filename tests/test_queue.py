@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from adapter.errors import UsageError
-from adapter.queue import CATCH_UP, Job, JobQueue, NewJob
+from adapter.queue import CATCH_UP, GroupCommit, Job, JobQueue, NewJob
 from adapter.retry import RetryPolicy
 from adapter.settings import Settings
 
@@ -715,3 +716,46 @@ def test_a_newer_postgresql_schema_is_refused(postgres_url: str) -> None:
 def test_an_unknown_database_url_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="G0129_DATABASE_URL"):
         JobQueue("mysql://db/g0129")
+
+
+# --- group commit --------------------------------------------------------------------------
+
+
+def test_group_commit_stores_concurrent_requests_in_few_transactions(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with JobQueue(database_url) as queue:
+        transactions: list[int] = []
+        real = queue.enqueue_many
+
+        def counted(jobs: Iterable[NewJob]) -> list[bool]:
+            batch = list(jobs)
+            transactions.append(len(batch))
+            return real(batch)
+
+        monkeypatch.setattr(queue, "enqueue_many", counted)
+        intake = GroupCommit(queue)
+
+        async def requests() -> list[list[bool]]:
+            # 100 requests at once, each with its own answer: a repeat is told apart, even
+            # within one batch, in the order the requests came.
+            one = [intake.enqueue([NewJob("resource", "Encounter", f"e{n}", "1", None, "test", BEFORE_RESET)]) for n in range(100)]
+            repeat = [intake.enqueue([NewJob("resource", "Encounter", "e7", "1", None, "test", BEFORE_RESET), NewJob(CATCH_UP, "Subscription", CATCH_UP)])]
+            return await asyncio.gather(*one, *repeat)
+
+        answers = asyncio.run(requests())
+        assert answers == [[True]] * 100 + [[False, True]]
+        assert sum(transactions) == 102 and len(transactions) < 10, transactions
+        assert queue.counts()["pending"] == 101
+
+
+def test_group_commit_fails_every_request_of_a_failed_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with JobQueue(tmp_path / "q.sqlite3") as queue:
+        def broken(jobs: Iterable[NewJob]) -> list[bool]:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(queue, "enqueue_many", broken)
+        intake = GroupCommit(queue)
+
+        async def requests() -> list[list[bool] | BaseException]:
+            return await asyncio.gather(*(intake.enqueue([NewJob("resource", "Encounter", f"e{n}")]) for n in range(5)), return_exceptions=True)
+
+        assert all(isinstance(answer, OSError) for answer in asyncio.run(requests()))
