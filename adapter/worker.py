@@ -205,8 +205,8 @@ class Worker:
         change = Change(job.resource_type, job.resource_id, job.version_id, payload)
         # The job's lastUpdated (from the notification or the catch-up) tells a version we wrote
         # from one a reset server made anew under the same number.
-        if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(
-            change.resource_id, change.version_id, job.last_updated or None
+        if change.resource_type == "Claim" and change.version_id and await asyncio.to_thread(
+            self.queue.is_own_write, change.resource_id, change.version_id, job.last_updated or None
         ):
             self.metrics.writebacks.labels("own-echo").inc()
             log.debug("%s/_history/%s is our own write", change.resource_type, change.version_id, extra={"event": "own-echo", "job": job.id, "resource": _resource(job)})
@@ -289,7 +289,7 @@ class Worker:
 
     async def catch_up(self) -> int:
         """Queue every watched resource changed since the checkpoint; returns how many were new."""
-        since = self.queue.get_checkpoint(CHECKPOINT)
+        since = await asyncio.to_thread(self.queue.get_checkpoint, CHECKPOINT)
         if since is None:
             start = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(seconds=self.catch_up_interval)
         else:
