@@ -425,6 +425,17 @@ def _version(ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number, at least 1."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _serve(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
     # Imported here: the web stack is not needed (nor paid for) by replay and evaluate.
     import uvicorn
@@ -434,15 +445,28 @@ def _serve(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[
 
     settings = Settings.from_env()
     level = args.log_level or settings.log_level
+    if args.workers > 1 and args.dry_run:
+        raise UsageError("--dry-run runs in one process: leave --workers at 1")
     # Once, before anything logs; uvicorn gets no logging config of its own (log_config=None),
     # so its lines, the access log included, go through the same handler and filter.
     configure(settings.log_format, level, stderr)
     rules = ctx.rules()
-    app = create_app(settings, rules=rules, dry_run=args.dry_run)
     logging.getLogger("adapter").info(
-        "g0129 serve on %s:%d, ruleset %s%s", args.host, args.port, rules.version, ", dry run: nothing is written" if args.dry_run else "",
-        extra={"event": "start", "ruleset": rules.version, "dry_run": args.dry_run, "fhir_base": settings.fhir_base_url},
+        "g0129 serve on %s:%d, ruleset %s, %d process(es)%s", args.host, args.port, rules.version, args.workers,
+        ", dry run: nothing is written" if args.dry_run else "",
+        extra={"event": "start", "ruleset": rules.version, "dry_run": args.dry_run, "fhir_base": settings.fhir_base_url, "workers": args.workers},
     )
+    if args.workers > 1:
+        # uvicorn starts the processes afresh (spawn) and each builds its app from the
+        # environment: hand them what the command line said.
+        os.environ["G0129_MAPPINGS_DIR"] = str(ctx.mappings_dir())
+        os.environ["G0129_LOG_LEVEL"] = level
+        uvicorn.run(
+            "adapter.service:app_from_env", factory=True, workers=args.workers,
+            host=args.host, port=args.port, log_level=level, log_config=None,
+        )
+        return EXIT_OK
+    app = create_app(settings, rules=rules, dry_run=args.dry_run)
     uvicorn.run(app, host=args.host, port=args.port, log_level=level, log_config=None)
     return EXIT_OK
 
@@ -539,16 +563,6 @@ def _byte_count(text: str) -> int:
     return number
 
 
-def _positive(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return number
-
-
 def _shard(text: str) -> replay_.Shard:
     index, _, count = text.partition("/")
     try:
@@ -631,6 +645,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the lowest level logged (default: G0129_LOG_LEVEL, else info); the format is G0129_LOG_FORMAT (json or text)",
     )
     serve.add_argument("--dry-run", action="store_true", help="decide and log the Claim diffs; write nothing back")
+    serve.add_argument(
+        "--workers", type=_positive, default=1, metavar="N",
+        help="processes serving the port, each with its worker (default: 1); more than 1 wants G0129_DATABASE_URL=postgresql://...",
+    )
     serve.set_defaults(run=_serve)
     subscribe_ = sub.add_parser("subscribe", parents=common, help="create or update the R4 rest-hook Subscriptions (idempotent)")
     subscribe_.add_argument("--endpoint", required=True, help="the adapter's notify URL as the FHIR server reaches it, e.g. http://adapter:8000/notify")
@@ -638,7 +656,7 @@ def _parser() -> argparse.ArgumentParser:
     subscribe_.add_argument("--no-payload", dest="payload", action="store_false", help="notify without the resource (the adapter searches)")
     subscribe_.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the Subscriptions to become active (0: don't)")
     subscribe_.set_defaults(run=_subscribe)
-    queue = sub.add_parser("queue", parents=common, help="the durable job queue under G0129_DATA_DIR")
+    queue = sub.add_parser("queue", parents=common, help="the durable job queue (G0129_DATABASE_URL, default: a file under G0129_DATA_DIR)")
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     list_ = actions.add_parser("list", parents=common, help="list jobs in a state")
     list_.add_argument("--state", choices=["pending", "dead", "done"], default="pending", help="which jobs (default: pending)")

@@ -20,7 +20,7 @@ from .notifications import Change, split_reference
 from .ruleset import RuleSet
 from .vocabulary import DRAFT_IDENTIFIER_SYSTEM, claim_encounter_references, is_candidate_claim
 
-__all__ = ["encounters_touched", "gather"]
+__all__ = ["encounters_touched", "gather", "patients_of"]
 
 PAGE = "200"
 # Rounds of following a Claim to the other days it bills; a PHP claim covers days of one patient.
@@ -162,6 +162,12 @@ async def _patient_searches(client: FHIRClient, index: Index, patients: Sequence
             raise FatalFHIRError(f"batch search {searches[n]} answered {status}")
         if isinstance(entry.get("resource"), dict):
             _add(index, entry["resource"], f"{client.base_url}/{searches[n]}")
+
+
+def patients_of(index: Index, encounter_ids: Sequence[str]) -> set[str]:
+    """Whose Claims deciding these encounters may write: their patients (`Patient/x`); an
+    encounter that names none stands for itself (`Encounter/x`)."""
+    return {_patient_of(index, i) or f"Encounter/{i}" for i in encounter_ids}
 
 
 def _patient_of(index: Index, encounter_id: str) -> str | None:

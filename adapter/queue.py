@@ -1,18 +1,23 @@
 """The durable job queue: every accepted notification lives here until it is done or dead.
 
 HAPI gives up on a notification after about a minute, so once the webhook has answered 2xx this
-file is the only copy of the work. Hence SQLite in WAL mode with `synchronous=FULL`: each commit
-is fsynced before `enqueue` returns, so neither a `kill -9` nor a power cut loses an accepted
-job (NORMAL would survive the former but may roll back the last commits on the latter). The
-cost, one fsync per enqueue, is small next to a webhook round trip.
+queue is the only copy of the work. It lives in an SQLite file or a PostgreSQL database
+(adapter/store.py, `G0129_DATABASE_URL`), one SQL for both: each commit is durable before
+`enqueue` returns, so neither a `kill -9` nor a power cut loses an accepted job. The service
+groups the enqueues of concurrent requests into one transaction (group commit), so one fsync
+serves many notifications.
 
 A job is `pending` until it is `done` or `dead` (dead-lettered). A worker claims a pending job
 by taking a lease on it; if the worker dies, the lease runs out and the job can be claimed
 again, so "pending" covers both waiting and in-progress jobs: accepted, not finished. A lease
-names its holder, and each holder keeps an advisory lock (`flock`) on a file of its own beside
-the queue while it lives; the kernel drops the lock when the process dies, even by `kill -9`,
-so a service starting up reclaims the leases of dead holders at once
-(`reclaim_abandoned`) instead of waiting out the lease.
+names its holder, and each holder shows itself alive with a lock the system drops when the
+process dies, even by `kill -9` (adapter/store.py), so a service starting up, and every replica
+as it works, reclaims the leases of dead holders at once (`reclaim_abandoned`) instead of
+waiting out the lease.
+
+Named locks (`try_lock`/`unlock`) keep two replicas from writing the same patient's Claims at
+once, and let one catch-up timer serve every replica: a lock is a row with an expiry and a
+holder; an expired lock, or one whose holder has died, is taken over.
 
 Deduplication: a job that knows its resource's `meta.lastUpdated` (the notification carried the
 resource, or the catch-up search found it) is a duplicate of any job, in any state, for the
@@ -21,32 +26,29 @@ has another lastUpdated, so it is new work, not a repeat. A job that does not kn
 content) is a duplicate only of the same job still waiting. There is at most one pending
 catch-up job.
 
-The schema is versioned (`PRAGMA user_version`) and migrated in place when an older file is
-opened: columns are added with ALTER TABLE, indexes replaced. A file written by a newer adapter
-is refused.
+The schema is versioned (SQLite's `PRAGMA user_version`, PostgreSQL's `schema_version` table)
+and migrated in place when the queue is opened: tables created, columns added with ALTER
+TABLE, indexes replaced. A database written by a newer adapter is refused.
 
 Besides jobs, the file keeps the small state the service needs to survive restarts:
 catch-up checkpoints, the last event number seen per Subscription, and the Claim versions we
 wrote ourselves (the loop guard).
 
-Thread safety: one connection per `JobQueue`, and every call holds the instance's lock, so
-one instance may be shared by threads. Several processes may open the same file: writes take
-SQLite's write lock up front (`BEGIN IMMEDIATE`), so two workers never claim the same job.
+Thread safety: one connection per `JobQueue`, and every call holds the store's lock, so
+one instance may be shared by threads. Several processes may open the same database: SQLite
+takes its write lock up front (`BEGIN IMMEDIATE`), PostgreSQL claims `FOR UPDATE SKIP LOCKED`,
+so two workers never claim the same job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import os
-import re
-import sqlite3
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,11 +60,9 @@ import orjson
 from adapter.errors import UsageError
 from adapter.retry import RetryPolicy
 from adapter.settings import Settings
+from adapter.store import Db, Store, open_store
 
-if sys.platform != "win32":
-    import fcntl
-
-__all__ = ["CATCH_UP", "QUEUE_BACKOFF", "Job", "JobQueue", "JobState", "NewJob"]
+__all__ = ["CATCH_UP", "QUEUE_BACKOFF", "GroupCommit", "Job", "JobQueue", "JobState", "NewJob"]
 
 log = logging.getLogger(__name__)
 
@@ -76,46 +76,54 @@ JobState = Literal["pending", "done", "dead"]
 # queue bounds retries by time (transient) or by `dead_letter_attempts` (fatal).
 QUEUE_BACKOFF = RetryPolicy(base_delay=5.0, factor=2.0, max_delay=900.0, retry_after_cap=3600.0)
 
-_SCHEMA_VERSION = 2
-# Tables as a new file gets them; an older file gets the missing columns from _ADDED_COLUMNS.
+_SCHEMA_VERSION = 3
+# Tables as a new database gets them; an older one gets the missing columns from _ADDED_COLUMNS.
+# The types that differ come from the store (str.format).
 _TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id           INTEGER PRIMARY KEY,
+    id           {id},
     kind         TEXT    NOT NULL,
     resource_type TEXT   NOT NULL,
     resource_id  TEXT    NOT NULL,
     version_id   TEXT    NOT NULL,
-    payload      BLOB,
+    payload      {blob},
     source       TEXT    NOT NULL,
     state        TEXT    NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     tries        INTEGER NOT NULL DEFAULT 0,
-    accepted_at  REAL    NOT NULL,
-    window_start REAL    NOT NULL,
-    not_before   REAL    NOT NULL,
-    lease_until  REAL,
+    accepted_at  {real}    NOT NULL,
+    window_start {real}    NOT NULL,
+    not_before   {real}    NOT NULL,
+    lease_until  {real},
     last_error   TEXT,
-    updated_at   REAL    NOT NULL,
+    updated_at   {real}    NOT NULL,
     last_updated TEXT    NOT NULL DEFAULT '',
     leased_by    TEXT
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
-) WITHOUT ROWID;
+) {rowid};
 CREATE TABLE IF NOT EXISTS event_numbers (
     subscription TEXT PRIMARY KEY,
     number       INTEGER NOT NULL
-) WITHOUT ROWID;
+) {rowid};
 CREATE TABLE IF NOT EXISTS own_writes (
     claim_id     TEXT NOT NULL,
     version_id   TEXT NOT NULL,
-    written_at   REAL NOT NULL,
+    written_at   {real} NOT NULL,
     last_updated TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (claim_id, version_id)
-) WITHOUT ROWID;
+) {rowid};
+CREATE TABLE IF NOT EXISTS locks (
+    name    TEXT PRIMARY KEY,
+    holder  TEXT NOT NULL,
+    token   TEXT NOT NULL,
+    expires {real} NOT NULL
+) {rowid};
 """
 # Schema 2: the resource's meta.lastUpdated (part of the deduplication key) and the lease holder.
+# Schema 3: the locks table (replicas).
 _ADDED_COLUMNS = (
     ("last_updated", "TEXT NOT NULL DEFAULT ''"),
     ("leased_by", "TEXT"),
@@ -130,7 +138,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_key
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_kind ON jobs (kind, state);
 """
-_OWNER = re.compile(r"[0-9]+-[0-9a-f]{32}")
 
 _COLUMNS = (
     "id, kind, resource_type, resource_id, version_id, payload, source, state, attempts, tries,"
@@ -183,11 +190,12 @@ class NewJob:
 
 
 class JobQueue:
-    """A SQLite-backed job queue at `path` (created with its parent directories if missing)."""
+    """The job queue in the store at `location`: an SQLite file (a path or `sqlite:///path`,
+    created with its parent directories if missing) or a `postgresql://` database."""
 
     def __init__(
         self,
-        path: str | Path,
+        location: str | Path,
         *,
         policy: RetryPolicy = QUEUE_BACKOFF,
         retry_for: float = 3 * 86400.0,
@@ -195,35 +203,34 @@ class JobQueue:
         lease_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._store: Store = open_store(location)
+        # The SQLite file, None on PostgreSQL.
+        self.path = self._store.path
         self._policy = policy
         self._retry_for = retry_for
         self._dead_letter_attempts = dead_letter_attempts
         self._lease_seconds = lease_seconds
         self._clock = clock
-        self._lock = threading.Lock()
-        # Who holds the leases this instance takes; its lock file is made on the first claim.
+        # Who holds the leases and locks this instance takes; shown alive from the first one on.
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex}"
-        self._owners = self.path.with_name(self.path.name + ".owners")
-        self._owner_fd: int | None = None
-        # Autocommit mode: transactions are opened explicitly, see _transaction().
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._transaction() as db:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
+        try:
+            self._migrate()
+        except BaseException:
+            self._store.close()
+            raise
+
+    def _migrate(self) -> None:
+        store = self._store
+        with store.transaction() as db:
+            version = store.schema_version(db)
             if version > _SCHEMA_VERSION:
-                raise UsageError(f"{self.path} was written by a newer adapter (schema {version})")
-            _execute_script(db, _TABLES)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                raise UsageError(f"{store.name} was written by a newer adapter (schema {version})")
+            _execute_script(db, _TABLES.format(**store.types))
+            columns = store.columns(db, "jobs")
             for name, declaration in _ADDED_COLUMNS:
                 if name not in columns:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
-            if "last_updated" not in {row[1] for row in db.execute("PRAGMA table_info(own_writes)")}:
+            if "last_updated" not in store.columns(db, "own_writes"):
                 db.execute("ALTER TABLE own_writes ADD COLUMN last_updated TEXT NOT NULL DEFAULT ''")
             _execute_script(db, _INDEXES)
             # Schema 1 let catch-up jobs pile up (one more per restart during an outage): keep
@@ -235,25 +242,20 @@ class JobQueue:
                 "SELECT min(id) FROM jobs WHERE kind = ? AND state = 'pending')",
                 (self._clock(), CATCH_UP, CATCH_UP),
             )
-            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            if version != _SCHEMA_VERSION:
+                store.set_schema_version(db, _SCHEMA_VERSION)
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Callable[[], float] = time.time) -> JobQueue:
         return cls(
-            settings.data_dir / "queue.sqlite3",
+            settings.database_url or settings.data_dir / "queue.sqlite3",
             retry_for=settings.queue_retry_for,
             dead_letter_attempts=settings.dead_letter_attempts,
             clock=clock,
         )
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            if self._owner_fd is not None:
-                # Our leases are all released or will be reclaimed; the lock file goes with us.
-                (self._owners / f"{self.owner}.lock").unlink(missing_ok=True)
-                os.close(self._owner_fd)
-                self._owner_fd = None
+        self._store.close()
 
     def __enter__(self) -> JobQueue:
         return self
@@ -297,11 +299,16 @@ class JobQueue:
         for each, True if it is new. Deduplicated as `enqueue`, also among themselves."""
         now = self._clock()
         new = []
-        with self._transaction() as db:
+        with self._store.transaction() as db:
+            serialized = False
             for job in jobs:
                 last_updated = (
                     _last_updated_of(job.payload) if job.last_updated is None else job.last_updated
                 )
+                if not serialized and (job.kind == CATCH_UP or not last_updated):
+                    # A look for a duplicate, then an insert: no other enqueue in between.
+                    self._store.serialize(db)
+                    serialized = True
                 if job.kind == CATCH_UP:
                     duplicate = db.execute(
                         "SELECT 1 FROM jobs WHERE kind = ? AND state = 'pending' LIMIT 1", (CATCH_UP,)
@@ -345,18 +352,18 @@ class JobQueue:
         A job whose lease ran out was being worked on by a worker that died. That counts as a
         failed attempt, so a job that kills its worker every time ends up dead, not looping.
         """
-        self._hold_owner_lock()
-        with self._transaction() as db:
+        self._store.hold_owner(self.owner)
+        with self._store.transaction() as db:
             while True:
                 row = db.execute(
                     f"SELECT {_COLUMNS} FROM jobs WHERE state = 'pending' AND not_before <= ?"
                     " AND (lease_until IS NULL OR lease_until <= ?)"
-                    " ORDER BY not_before, id LIMIT 1",
+                    " ORDER BY not_before, id LIMIT 1" + self._store.claim_lock,
                     (now, now),
                 ).fetchone()
                 if row is None:
                     return None
-                job = Job(**row)
+                job = Job(*row)
                 attempts = job.attempts + (job.lease_until is not None)
                 if attempts >= self._dead_letter_attempts:
                     reason = f"its worker stopped {attempts} times mid-job"
@@ -387,7 +394,7 @@ class JobQueue:
         them was stopped to upgrade.
         """
         now = self._clock()
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             holders = [
                 row[0]
                 for row in db.execute(
@@ -397,18 +404,43 @@ class JobQueue:
             ]
             reclaimed = 0
             for holder in holders:
-                if holder == self.owner or self._holder_alive(holder):
+                if holder == self.owner or self._store.holder_alive(db, holder):
                     continue
                 reclaimed += db.execute(
                     "UPDATE jobs SET lease_until = ?, updated_at = ?"
-                    " WHERE state = 'pending' AND lease_until > ? AND leased_by IS ?",
+                    " WHERE state = 'pending' AND lease_until > ? AND leased_by IS NOT DISTINCT FROM ?",
                     (now, now, now, holder),
                 ).rowcount
             return reclaimed
 
+    def try_lock(self, name: str, seconds: float) -> str | None:
+        """Take the lock `name` for `seconds` unless someone else holds it; returns the token
+        that releases it, or None. An expired lock, or one whose holder has died, is taken
+        over. Holders are queue instances: tasks sharing one instance exclude each other too.
+        """
+        self._store.hold_owner(self.owner)
+        token = uuid.uuid4().hex
+        with self._store.transaction() as db:
+            now = self._clock()
+            row = db.execute("SELECT holder, token FROM locks WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != self.owner and not self._store.holder_alive(db, row[0]):
+                db.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, row[1]))
+            taken = db.execute(
+                "INSERT INTO locks (name, holder, token, expires) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token,"
+                " expires = excluded.expires WHERE locks.expires <= ?",
+                (name, self.owner, token, now + seconds, now),
+            ).rowcount
+        return token if taken == 1 else None
+
+    def unlock(self, name: str, token: str) -> None:
+        """Release a lock `try_lock` gave (nothing if it has been taken over since)."""
+        with self._store.transaction() as db:
+            db.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
+
     def complete(self, job_id: int) -> None:
         """Mark a job done."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             self._set_state(db, job_id, "done", None, self._clock())
 
     def retry_later(
@@ -426,7 +458,7 @@ class JobQueue:
         attempt, and the job is dead-lettered at `dead_letter_attempts`. `retry_after` (the
         server's own hint) replaces our backoff, within the policy's cap.
         """
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             job = self._get(db, job_id)
             attempts = job.attempts + (not transient)
             if transient and now - job.window_start >= self._retry_for:
@@ -455,21 +487,21 @@ class JobQueue:
 
     def dead_letter(self, job_id: int, reason: str) -> None:
         """Give up on a job now, keeping `reason` for whoever looks at the dead letters."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             self._set_state(db, job_id, "dead", reason, self._clock())
 
     def get(self, job_id: int) -> Job:
-        with self._lock:
-            return self._get(self._db, job_id)
+        with self._store.read() as db:
+            return self._get(db, job_id)
 
     def list(self, state: JobState) -> builtins.list[Job]:
         """Jobs in `state`, oldest first."""
         _check_state(state)
-        with self._lock:
-            rows = self._db.execute(
+        with self._store.read() as db:
+            rows = db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE state = ? ORDER BY id", (state,)
             ).fetchall()
-        return [Job(**row) for row in rows]
+        return [Job(*row) for row in rows]
 
     def retry(self, job_id: int | None = None) -> int:
         """Send one dead job (or, with no id, every dead job) back to pending, with a fresh
@@ -483,7 +515,7 @@ class JobQueue:
         if job_id is not None:
             query += " AND id = ?"
             params += (job_id,)
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             return db.execute(query, params).rowcount
 
     def purge(self, state: JobState, before: float | None = None) -> int:
@@ -497,7 +529,7 @@ class JobQueue:
         if state not in ("done", "dead"):
             raise UsageError(f"only done or dead jobs can be purged, not {state}")
         cutoff = float("inf") if before is None else before
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             if state == "done":
                 db.execute("DELETE FROM own_writes WHERE written_at < ?", (cutoff,))
             return db.execute(
@@ -507,22 +539,22 @@ class JobQueue:
     def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state, every state present."""
         counts: dict[JobState, int] = {state: 0 for state in get_args(JobState)}
-        with self._lock:
-            for state, count in self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
+        with self._store.read() as db:
+            for state, count in db.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
                 counts[state] = count
         return counts
 
     # --- service state ----------------------------------------------------------------------
 
     def get_checkpoint(self, name: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._store.read() as db:
+            row = db.execute(
                 "SELECT value FROM checkpoints WHERE name = ?", (name,)
             ).fetchone()
         return None if row is None else str(row[0])
 
     def set_checkpoint(self, name: str, value: str) -> None:
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             db.execute(
                 "INSERT INTO checkpoints (name, value) VALUES (?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -530,8 +562,8 @@ class JobQueue:
             )
 
     def last_event_number(self, subscription: str) -> int | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._store.read() as db:
+            row = db.execute(
                 "SELECT number FROM event_numbers WHERE subscription = ?", (subscription,)
             ).fetchone()
         return None if row is None else int(row[0])
@@ -542,13 +574,13 @@ class JobQueue:
         Deliveries arrive out of order (HAPI runs 5 delivery threads), so a lower number never
         replaces a higher one. Comparing with the return value shows a gap in one step.
         """
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             row = db.execute(
                 "SELECT number FROM event_numbers WHERE subscription = ?", (subscription,)
             ).fetchone()
             db.execute(
                 "INSERT INTO event_numbers (subscription, number) VALUES (?, ?)"
-                " ON CONFLICT (subscription) DO UPDATE SET number = max(number, excluded.number)",
+                f" ON CONFLICT (subscription) DO UPDATE SET number = {self._store.greatest}(event_numbers.number, excluded.number)",
                 (subscription, number),
             )
         return None if row is None else int(row[0])
@@ -556,13 +588,13 @@ class JobQueue:
     def forget_event_number(self, subscription: str) -> None:
         """Start a Subscription's event numbers afresh (its handshake: it was created or
         re-activated, perhaps on a server that was reset, and counts from 1 again)."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             db.execute("DELETE FROM event_numbers WHERE subscription = ?", (subscription,))
 
     def record_own_write(self, claim_id: str, version_id: str, last_updated: str | None = None) -> None:
         """Remember that we wrote this Claim version (at the server's `last_updated`, when it
         said), so its notification is not work."""
-        with self._transaction() as db:
+        with self._store.transaction() as db:
             db.execute(
                 "INSERT INTO own_writes (claim_id, version_id, written_at, last_updated) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (claim_id, version_id) DO UPDATE SET written_at = excluded.written_at,"
@@ -574,8 +606,8 @@ class JobQueue:
         """Whether we wrote this Claim version. When both the write and the notification say
         when the version was made, they must agree: a server reset that makes the Claim anew
         reaches the same version numbers with other content, and that is work."""
-        with self._lock:
-            row = self._db.execute(
+        with self._store.read() as db:
+            row = db.execute(
                 "SELECT last_updated FROM own_writes WHERE claim_id = ? AND version_id = ?",
                 (claim_id, version_id),
             ).fetchone()
@@ -586,61 +618,16 @@ class JobQueue:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _hold_owner_lock(self) -> None:
-        """Create and lock our holder file, once, before our first lease is written: a lease
-        naming us exists only while the lock shows us alive."""
-        if self._owner_fd is not None or sys.platform == "win32":
-            return
-        with self._lock:  # threads sharing this instance: one file, locked once
-            if self._owner_fd is None:
-                self._owners.mkdir(exist_ok=True)
-                fd = os.open(self._owners / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else has it
-                self._owner_fd = fd
-
-    def _holder_alive(self, holder: str | None) -> bool:
-        """Whether the queue instance `holder` still lives: its lock file exists and is locked."""
-        if sys.platform == "win32":
-            return True  # no flock: leases run out as before
-        if holder is None or not _OWNER.fullmatch(holder):
-            return False
-        path = self._owners / f"{holder}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # releases our lock, if we got it
-        path.unlink(missing_ok=True)  # a dead holder's file
-        return False
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock at BEGIN, so a read-then-write (claim, dedup) cannot
-        # interleave with another process's.
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
     @staticmethod
-    def _get(db: sqlite3.Connection, job_id: int) -> Job:
+    def _get(db: Db, job_id: int) -> Job:
         row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise UsageError(f"no job {job_id} in the queue")
-        return Job(**row)
+        return Job(*row)
 
     @staticmethod
     def _set_state(
-        db: sqlite3.Connection, job_id: int, state: JobState, error: str | None, now: float
+        db: Db, job_id: int, state: JobState, error: str | None, now: float
     ) -> None:
         cursor = db.execute(
             "UPDATE jobs SET state = ?, lease_until = NULL, leased_by = NULL, last_error = ?,"
@@ -651,7 +638,48 @@ class JobQueue:
             raise UsageError(f"no job {job_id} in the queue")
 
 
-def _execute_script(db: sqlite3.Connection, script: str) -> None:
+class GroupCommit:
+    """The enqueues of concurrent requests, committed together: while one transaction is being
+    made durable, the requests that arrive wait for the next, which takes them all. One
+    commit (one fsync) then serves many notifications, and each request still has its answer
+    only once its own jobs are durable. Deduplicated as `JobQueue.enqueue_many`, in arrival
+    order; one event loop's requests only (each process has its own)."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self._waiting: builtins.list[tuple[builtins.list[NewJob], asyncio.Future[builtins.list[bool]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> builtins.list[bool]:
+        """Store `jobs` durably; for each, True if it is new."""
+        future: asyncio.Future[builtins.list[bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((builtins.list(jobs), future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                jobs = [job for request, _ in batch for job in request]
+                try:
+                    new = await asyncio.to_thread(self.queue.enqueue_many, jobs)
+                except Exception as exc:  # each request of the batch fails with it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for request, future in batch:
+                    if not future.done():  # a request whose client went away
+                        future.set_result(new[start : start + len(request)])
+                    start += len(request)
+        finally:
+            self._flusher = None
+
+
+def _execute_script(db: Db, script: str) -> None:
     # Statement by statement: executescript() would commit the transaction we are in.
     for statement in script.split(";"):
         if statement.strip():

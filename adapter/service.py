@@ -48,7 +48,7 @@ from .notifications import (
 )
 from .openapi import FHIR_JSON
 from .pipeline import RunResult, evaluate
-from .queue import JobQueue, NewJob
+from .queue import GroupCommit, JobQueue, NewJob
 from .retry import RetryPolicy
 from .ruleset import RuleSet, load_ruleset
 from .settings import Settings
@@ -130,7 +130,11 @@ def create_app(
     client = FHIRClient.from_settings(settings, transport=transport, on_retry=count_retry)
     # Readiness must answer fast: one try, a short timeout.
     probe = FHIRClient.from_settings(settings, transport=transport, retry=RetryPolicy(max_attempts=1), timeout=3.0)
-    worker = Worker(queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval, clock=clock)
+    worker = Worker(
+        queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval,
+        concurrency=settings.worker_concurrency, clock=clock,
+    )
+    intake = GroupCommit(queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -225,7 +229,7 @@ def create_app(
             )
             for change in changes
         ]
-        new = sum(await asyncio.to_thread(queue.enqueue_many, jobs))
+        new = sum(await intake.enqueue(jobs))
         if new:
             worker.wake.set()
         if len(jobs) > new:
@@ -234,7 +238,7 @@ def create_app(
 
     async def catch_up_later(reason: str) -> None:
         # At most one catch-up is pending: while one is, this request is a duplicate of it.
-        await asyncio.to_thread(queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, reason)
+        await intake.enqueue([NewJob(CATCH_UP, "Subscription", CATCH_UP, source=reason)])
         worker.wake.set()
 
     notify_errors = openapi.error_responses(400, 401, 413)
@@ -412,6 +416,16 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The service as each process of `g0129 serve --workers N` builds it: settings, rule
+    tables and logging from the environment (uvicorn starts the processes afresh)."""
+    from .logs import configure
+
+    settings = Settings.from_env()
+    configure(settings.log_format, settings.log_level)
+    return create_app(settings, rules=load_ruleset(settings.mappings_dir))
 
 
 def _warm_type_checks() -> None:

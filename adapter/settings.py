@@ -64,6 +64,9 @@ class Settings:
     # Secrets stay out of repr so logging a Settings never leaks them.
     webhook_token: str | None = field(default=None, repr=False)
     data_dir: Path = Path("./data")
+    # Where the job queue lives: `sqlite:///PATH` or `postgresql://...` (adapter/store.py);
+    # None: the SQLite file `queue.sqlite3` in data_dir.
+    database_url: str | None = field(default=None, repr=False)
     fhir_auth: AuthMode = "none"
     fhir_token: str | None = field(default=None, repr=False)
     smart_client_id: str | None = None
@@ -85,6 +88,8 @@ class Settings:
     catchup_interval: float = 60.0
     # `replay --bulk-export` gives up on an export not complete after this long (seconds).
     bulk_export_max_wait: float = 12 * 3600.0
+    # Jobs in flight at once in one process (each for other patients: adapter/worker.py).
+    worker_concurrency: int = 4
     mappings_dir: Path | None = None
     # `g0129 serve`'s logs (adapter/logs.py): one JSON object per line unless `text`.
     log_format: LogFormat = "json"
@@ -103,6 +108,7 @@ class Settings:
             fhir_base_url=_base_url(env.text("G0129_FHIR_BASE_URL")),
             webhook_token=env.text("G0129_WEBHOOK_TOKEN"),
             data_dir=env.path("G0129_DATA_DIR") or defaults.data_dir,
+            database_url=_database_url(env.text("G0129_DATABASE_URL")),
             fhir_auth=env.choice("G0129_FHIR_AUTH", get_args(AuthMode), defaults.fhir_auth),
             fhir_token=env.text("G0129_FHIR_TOKEN"),
             smart_client_id=env.text("G0129_SMART_CLIENT_ID"),
@@ -124,6 +130,7 @@ class Settings:
             ),
             catchup_interval=env.seconds("G0129_CATCHUP_INTERVAL", defaults.catchup_interval),
             bulk_export_max_wait=env.seconds("G0129_BULK_EXPORT_MAX_WAIT", defaults.bulk_export_max_wait),
+            worker_concurrency=env.positive_int("G0129_WORKER_CONCURRENCY", defaults.worker_concurrency),
             mappings_dir=env.path("G0129_MAPPINGS_DIR"),
             log_format=env.choice("G0129_LOG_FORMAT", get_args(LogFormat), defaults.log_format),
             log_level=env.choice("G0129_LOG_LEVEL", get_args(LogLevel), defaults.log_level),
@@ -156,6 +163,12 @@ class Settings:
 
 def _field(variable: str) -> str:
     return variable.removeprefix("G0129_").lower()
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise UsageError(f"G0129_DATABASE_URL must be sqlite:///PATH or postgresql://..., got {value.split('://')[0]}://...")
+    return value
 
 
 def _base_url(value: str | None) -> str | None:

@@ -7,6 +7,14 @@ retry window allows; anything retrying cannot fix counts toward the dead letter.
 
 Every decision, write-back, conflict, retry and dead letter is one log line with the fields
 `event`, `job`, `claim`, `encounters` and `outcome` (adapter/logs.py renders them as JSON).
+
+Replicas: any number of worker processes share one queue. A job is leased by one of them; a
+job's writes happen under a lock per patient (the queue's named locks), so two replicas, or two
+jobs in flight in one process, never write the same Claim at once; the leases and locks of a
+replica that died are taken over within seconds (`reclaim_abandoned` every RECLAIM_EVERY); and
+the catch-up timer is a lock too, so the replicas together queue one catch-up per interval.
+Several jobs are in flight per process (`concurrency`); deciding and validating run in threads,
+off the event loop that serves the webhook.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 from . import jsonio
 from .errors import AdapterError, TransientFHIRError, VersionConflict
 from .fhir_client import FHIRClient
-from .gather import encounters_touched, gather
+from .gather import encounters_touched, gather, patients_of
 from .metrics import Metrics
 from .notifications import Change
 from .pipeline import AnnotatedClaim, RunResult, evaluate
@@ -43,6 +51,13 @@ DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.
 OVERLAP = timedelta(seconds=2)
+# A patient's lock outlives a hung holder by no more than a job's lease.
+LOCK_SECONDS = 300.0
+LOCK_POLL = 0.05
+# How soon a replica takes over the jobs of one that died.
+RECLAIM_EVERY = 5.0
+# The lock whose holder queues the next catch-up (it expires after one interval).
+CATCH_UP_TIMER = "catch-up-timer"
 
 
 @dataclass(slots=True)
@@ -75,9 +90,11 @@ class Worker:
         *,
         dry_run: bool = False,
         catch_up_interval: float = 60.0,
+        concurrency: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
+        self.concurrency = concurrency
         self.client = client
         self.rules = rules
         self.metrics = metrics
@@ -90,9 +107,31 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, idle: float = 0.5) -> None:
-        """Work until `stop` is set. With nothing due, wait for `wake` (set when a notification
-        is accepted) or `idle` seconds, whichever comes first: delayed retries fall due
-        without anyone waking us."""
+        """Work until `stop` is set, `concurrency` jobs at a time, and take over the jobs of
+        replicas that died."""
+        tasks = [asyncio.create_task(self._work(stop, idle)) for _ in range(self.concurrency)]
+        tasks.append(asyncio.create_task(self._reclaim(stop)))
+        await asyncio.gather(*tasks)
+
+    async def _reclaim(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), RECLAIM_EVERY)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                reclaimed = await asyncio.to_thread(self.queue.reclaim_abandoned)
+            except Exception:
+                log.exception("worker: the job queue failed while looking for abandoned jobs")
+                continue
+            if reclaimed:
+                log.warning("%d job(s) leased by a replica that stopped are due again", reclaimed, extra={"event": "reclaimed", "jobs": reclaimed})
+                self.wake.set()
+
+    async def _work(self, stop: asyncio.Event, idle: float) -> None:
+        """One job at a time until `stop` is set. With nothing due, wait for `wake` (set when a
+        notification is accepted) or `idle` seconds, whichever comes first: delayed retries
+        fall due without anyone waking us."""
         while not stop.is_set():
             try:
                 worked = await self.run_once()
@@ -166,8 +205,8 @@ class Worker:
         change = Change(job.resource_type, job.resource_id, job.version_id, payload)
         # The job's lastUpdated (from the notification or the catch-up) tells a version we wrote
         # from one a reset server made anew under the same number.
-        if change.resource_type == "Claim" and change.version_id and self.queue.is_own_write(
-            change.resource_id, change.version_id, job.last_updated or None
+        if change.resource_type == "Claim" and change.version_id and await asyncio.to_thread(
+            self.queue.is_own_write, change.resource_id, change.version_id, job.last_updated or None
         ):
             self.metrics.writebacks.labels("own-echo").inc()
             log.debug("%s/_history/%s is our own write", change.resource_type, change.version_id, extra={"event": "own-echo", "job": job.id, "resource": _resource(job)})
@@ -183,9 +222,16 @@ class Worker:
         carried = list(extra)
         context = _job.get() or _Context()
         context.encounters = [f"Encounter/{i}" for i in encounter_ids]
+        held: dict[str, str] = {}  # lock name -> token
 
         async def decide() -> RunResult:
-            index = await gather(self.client, encounter_ids, self.rules, carried)
+            while True:
+                index = await gather(self.client, encounter_ids, self.rules, carried)
+                # Whose Claims these are is known once gathered: lock them (in order, so two
+                # jobs never wait for each other), and gather again if another writer had them.
+                wanted = sorted(patients_of(index, encounter_ids) - held.keys())
+                if not wanted or not await self._lock(wanted, held):
+                    break
             # A Claim carried by the notification may be older than the server's: after a
             # conflict, only what the server says now counts.
             carried.clear()
@@ -207,7 +253,11 @@ class Worker:
                 extra=_fields("conflict", "re-deciding", context.job, claim.key if claim else None, encounters),
             )
 
-        results = await settle(self.writer, decide, current_of, on_conflict=conflict)
+        try:
+            results = await settle(self.writer, decide, current_of, on_conflict=conflict)
+        finally:
+            for name, token in held.items():
+                await asyncio.to_thread(self.queue.unlock, name, token)
         for result in results:
             self.metrics.writebacks.labels(result.result).inc()
             encounters = [decision.encounter for decision in result.decisions]
@@ -226,9 +276,20 @@ class Worker:
                 log.info("%s: %s%s", result.claim, result.result, version, extra=fields)
         return results
 
+    async def _lock(self, names: Sequence[str], held: dict[str, str]) -> bool:
+        """Take these locks, waiting for each as long as it takes; True if any was held by
+        someone else (what was gathered before may be stale)."""
+        waited = False
+        for name in names:
+            while (token := await asyncio.to_thread(self.queue.try_lock, name, LOCK_SECONDS)) is None:
+                waited = True
+                await asyncio.sleep(LOCK_POLL)
+            held[name] = token
+        return waited
+
     async def catch_up(self) -> int:
         """Queue every watched resource changed since the checkpoint; returns how many were new."""
-        since = self.queue.get_checkpoint(CHECKPOINT)
+        since = await asyncio.to_thread(self.queue.get_checkpoint, CHECKPOINT)
         if since is None:
             start = datetime.fromtimestamp(self.clock(), timezone.utc) - timedelta(seconds=self.catch_up_interval)
         else:
@@ -256,17 +317,21 @@ class Worker:
         return queued
 
     async def tick_catch_up(self, stop: asyncio.Event) -> None:
-        """Queue a catch-up run every `catch_up_interval` seconds, starting now."""
+        """Queue a catch-up run every `catch_up_interval` seconds, starting now, unless another
+        replica did: the one that takes the timer lock (held for an interval, taken over at
+        once from a replica that died) queues it. Each replica looks 4 times an interval, so
+        the runs are 1 to 1.25 intervals apart."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
-                # Done jobs only serve deduplication; a week covers any server's redelivery.
-                await asyncio.to_thread(self.queue.purge, "done", self.clock() - DONE_RETENTION)
-                self.wake.set()
+                if await asyncio.to_thread(self.queue.try_lock, CATCH_UP_TIMER, self.catch_up_interval):
+                    await asyncio.to_thread(self.queue.enqueue, CATCH_UP, "Subscription", CATCH_UP, "", None, "timer")
+                    # Done jobs only serve deduplication; a week covers any server's redelivery.
+                    await asyncio.to_thread(self.queue.purge, "done", self.clock() - DONE_RETENTION)
+                    self.wake.set()
             except Exception:
                 log.exception("catch-up timer: the job queue failed")
             try:
-                await asyncio.wait_for(stop.wait(), self.catch_up_interval)
+                await asyncio.wait_for(stop.wait(), self.catch_up_interval / 4)
             except asyncio.TimeoutError:
                 pass
 

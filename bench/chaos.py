@@ -117,6 +117,8 @@ class Service:
     starts: int = 0
     kills: int = 0
     down_seconds: float = 0.0
+    # More G0129_* settings (bench/service.py: the database, the log level).
+    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -131,6 +133,7 @@ class Service:
             "G0129_CATCHUP_INTERVAL": str(CATCHUP_INTERVAL),
             "G0129_LOG_FORMAT": "json",
             "G0129_LOG_LEVEL": "info",
+            **self.extra,
         }
 
     def start(self) -> None:

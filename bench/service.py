@@ -1,26 +1,33 @@
-"""Sidecar throughput and latency: notifications accepted, decisions written back, and the time between.
+"""Sidecar throughput over real HTTP: notifications accepted, decisions written back, SQLite
+against PostgreSQL, one replica against three.
 
-    python bench/service.py                      # 2,000 notifications
-    python bench/service.py --notifications 500
-    python bench/service.py --rate 20 --latency-notifications 300
+    python3 bench/service.py                                   # the whole matrix, in-memory FHIR
+    python3 bench/service.py --fhir memory,hapi                # and against HAPI (scripts/fhir-server up)
+    python3 bench/service.py --databases postgresql --replicas 3 --encounters 1000
 
-Everything runs in one process and one event loop: the FastAPI app (`adapter.service.create_app`)
-is called through `httpx.ASGITransport`, and its FHIR server is the tests' in-memory `FakeFHIR`
-behind `httpx.MockTransport`, loaded with N distinct PHP/IOP encounters cloned from
-fixtures/01-medicare-php-hospital.json (13 resources each, ids re-keyed). The job queue is the
-real SQLite file (WAL, synchronous=FULL) in a temporary directory, so the disk under it matters:
-the script prints which one and how many fsyncs per second it does.
+PostgreSQL: --database-url, else G0129_TEST_DATABASE_URL, else `scripts/postgres url` (start it
+with `scripts/postgres up`); each run gets a fresh schema of its own, dropped afterwards. SQLite:
+a fresh file in a temporary directory (WAL, synchronous=FULL).
 
-Phase 1, throughput:
-  accept   N `PUT /notify/Encounter/<id>` with the worker stopped (accept + durable enqueue);
-  drain    then `worker.run_once()` until the queue is empty (read, decide, annotate, validate,
-           write back), checking that the fake holds version 2 of every Claim.
-Phase 2, latency: a fresh app with its worker running (lifespan entered; the catch-up tick queues
-one catch-up at start-up, which is let finish first, and G0129_CATCHUP_INTERVAL=3600 keeps it
-from coming back) receives notifications at a steady rate; per encounter, the time from sending
-the PUT to the moment the fake applies the Claim's transaction.
+Everything runs on this machine, client included, as separate processes talking over sockets:
 
-Prints figures; asserts only that every Claim was written.
+intake   `uvicorn --workers W` serving the sidecar without its worker (bench.service:intake_app;
+         the access log off), and a raw HTTP/1.1 client with C keep-alive connections sending
+         N `PUT /notify/Encounter/<id>` as fast as they are answered. Prints accepted/s and the
+         p50/p99 of each PUT (send to 200). Every accepted notification is durable before its
+         200 (group commit: one transaction for the requests that arrive together).
+e2e      R `g0129 serve` processes (replicas, G0129_WORKER_CONCURRENCY jobs in flight each) on
+         one database, G0129_LOG_LEVEL=warning, and a FHIR server holding E PHP days (fixture 01
+         under fresh ids): `memory` is tests/fakefhir.py's FakeFHIR served by uvicorn in a
+         process of its own (one shard per encounter, as before), `hapi` is G0129_E2E_FHIR_BASE
+         (default http://127.0.0.1:8080/fhir). The client sends one notification per encounter,
+         spread over the replicas as a load balancer would, and waits until every Claim is
+         annotated. Prints decisions/s (encounters decided and written back per second, from the
+         first notification to the last write) and the accept p50/p99 while the workers run.
+
+Before the clock starts, the catch-up checkpoint is set to now, so the replicas' catch-up at
+start does not queue the data loaded for the run. Prints figures; raises if a Claim is not
+written or a notification is refused.
 """
 
 from __future__ import annotations
@@ -31,11 +38,15 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +54,18 @@ import httpx
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-# `tests` is not an installed package: the repository root must be importable for tests.fakefhir.
+# `tests` and `bench` are not installed packages: the repository root must be importable.
 sys.path.insert(0, str(ROOT))
 
-from adapter.ruleset import RuleSet, load_ruleset  # noqa: E402
-from adapter.service import create_app  # noqa: E402
+from adapter.queue import JobQueue  # noqa: E402
 from adapter.settings import Settings  # noqa: E402
+from bench.chaos import Service, annotated, free_port  # noqa: E402
 from tests.fakefhir import FakeFHIR  # noqa: E402
 
 Resource = dict[str, Any]
 
 TEMPLATE = ROOT / "fixtures" / "01-medicare-php-hospital.json"
-BASE = "http://fhir.bench/fhir"
 TOKEN = "bench-webhook-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Every id of encounter i starts with `bench<i>-`: the key that routes a request to its shard.
 KEY = re.compile(rb"bench(\d+)-")
 
@@ -142,141 +151,276 @@ class ShardedFHIR:
                 self.claim_written.setdefault(location.split("/")[1], now)
 
 
-def load_fake(n: int) -> tuple[ShardedFHIR, list[bytes]]:
-    """A fake holding n encounters, and the body of each encounter's rest-hook notification."""
+def load_fake(n: int, base: str) -> ShardedFHIR:
+    """A fake holding n encounters."""
     template = TEMPLATE.read_bytes()
-    fake = ShardedFHIR(BASE)
-    bodies = []
+    fake = ShardedFHIR(base)
     for i in range(n):
         fake.load(i, encounter_resources(template, i))
-        # The notification carries the Encounter as the server stored it (meta.versionId 1).
-        bodies.append(orjson.dumps(fake.current(i, "Encounter", f"bench{i}-enc")))
-    return fake, bodies
+    return fake
 
 
-def make_settings(data_dir: Path) -> Settings:
-    return Settings.from_env(
-        {
-            "G0129_FHIR_BASE_URL": BASE,
-            "G0129_WEBHOOK_TOKEN": TOKEN,
-            "G0129_DATA_DIR": str(data_dir),
-            # The lifespan's catch-up tick runs once at start-up; an hour keeps it from
-            # running again during the measurement.
-            "G0129_CATCHUP_INTERVAL": "3600",
-        }
+# -- the processes ---------------------------------------------------------------------------------
+
+
+def intake_app() -> Any:
+    """uvicorn factory: the sidecar without its worker, settings from the environment."""
+    from adapter.service import create_app
+
+    return create_app(Settings.from_env(), run_worker=False)
+
+
+def fake_fhir_app() -> Any:
+    """uvicorn factory: BENCH_ENCOUNTERS encounters in a ShardedFHIR at BENCH_FHIR_BASE, over
+    HTTP; GET /_written answers how many Claims have been written."""
+    fake = load_fake(int(os.environ["BENCH_ENCOUNTERS"]), os.environ["BENCH_FHIR_BASE"])
+    origin = os.environ["BENCH_FHIR_BASE"].removesuffix("/fhir")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        if scope["path"] == "/_written":
+            response = httpx.Response(200, content=orjson.dumps(len(fake.claim_written)))
+        else:
+            query = scope["query_string"].decode()
+            request = httpx.Request(
+                scope["method"], origin + scope["raw_path"].decode() + (f"?{query}" if query else ""),
+                headers=[(k.decode(), v.decode()) for k, v in scope["headers"]], content=body,
+            )
+            response = fake(request)
+        headers = [(k.encode(), v.encode()) for k, v in response.headers.items() if k.lower() != "content-length"]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": response.content})
+
+    return app
+
+
+@contextmanager
+def uvicorn(factory: str, env: dict[str, str], workers: int = 1, port: int = 0) -> Iterator[str]:
+    """`uvicorn --factory` in processes of their own on `port` (default: a free one); yields
+    its URL."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", factory, "--workers", str(workers), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
     )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(f"{url}/_written" if "fake" in factory else f"{url}/healthz"), 120, f"{factory} did not start")
+        if workers > 1:
+            time.sleep(3.0)  # every worker process listening, not only the first
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
-async def notify(client: httpx.AsyncClient, i: int, body: bytes) -> float:
-    """Send encounter i's notification; return the seconds until the 200 came back."""
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_until(ok: Any, timeout: float, message: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise RuntimeError(message)
+        time.sleep(every)
+
+
+@contextmanager
+def database(kind: str, url: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database of `kind`: an SQLite file, or a schema of its own in `url`."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / f'queue-{uuid.uuid4().hex[:8]}.sqlite3'}"
+        return
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+def put(path: str, body: bytes) -> bytes:
+    """One HTTP/1.1 request, keep-alive, as bytes on the wire."""
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: adapter\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/fhir+json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def send_all(urls: list[str], requests: list[bytes], connections: int) -> tuple[float, list[float]]:
+    """Send every request over `connections` keep-alive connections spread over `urls`, each
+    connection sending its next request when the last is answered; returns the seconds it
+    took and each request's latency. A client this small costs little CPU next to the server."""
+    todo = iter(requests)
+    latencies: list[float] = []
+
+    async def connection(url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for request in todo:
+                start = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                body = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"refused: {head.splitlines()[0].decode()} {body[:300].decode()}")
+        finally:
+            writer.close()
+
     start = time.perf_counter()
-    response = await client.put(f"/notify/Encounter/bench{i}-enc", content=body, headers=AUTH)
-    if response.status_code != 200:
-        raise RuntimeError(f"notification {i} answered {response.status_code}: {response.text}")
-    return time.perf_counter() - start
+    await asyncio.gather(*(connection(urls[k % len(urls)]) for k in range(connections)))
+    return time.perf_counter() - start, latencies
 
 
-def unwritten(fake: ShardedFHIR, n: int) -> list[int]:
-    return [i for i in range(n) if (fake.current(i, "Claim", f"bench{i}-claim") or {}).get("meta", {}).get("versionId") != "2"]
-
-
-# -- phases --------------------------------------------------------------------------------------
+# -- the runs ------------------------------------------------------------------------------------
 
 
 @dataclass
-class Throughput:
-    accept_s: float
-    accept_latencies: list[float]
-    drain_s: float
-    fake_s: float  # of drain_s, spent inside the fake FHIR server
-    outcomes: dict[str, int]  # decisions by outcome, and Claim writes by result, from /metrics
-
-
-async def throughput(n: int, concurrency: int, data_dir: Path, rules: RuleSet) -> Throughput:
-    fake, bodies = load_fake(n)
-    app = create_app(make_settings(data_dir), rules=rules, transport=httpx.MockTransport(fake), run_worker=False)
-    queue, worker = app.state.queue, app.state.worker
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as client:
-            # `concurrency` senders in parallel, as HAPI's delivery threads (5 by default) would.
-            todo = iter(range(n))
-            latencies: list[float] = []
-
-            async def sender() -> None:
-                for i in todo:
-                    latencies.append(await notify(client, i, bodies[i]))
-
-            start = time.perf_counter()
-            await asyncio.gather(*(sender() for _ in range(concurrency)))
-            accept_s = time.perf_counter() - start
-        pending = queue.counts()["pending"]
-        if pending != n:
-            raise RuntimeError(f"{pending} jobs queued for {n} notifications")
-
-        fake.seconds = 0.0
-        start = time.perf_counter()
-        while await worker.run_once():
-            pass
-        drain_s = time.perf_counter() - start
-        outcomes = counted(app.state.metrics.registry, "g0129_decisions_total", "outcome", ("bill", "review", "do-not-bill"))
-        outcomes |= counted(app.state.metrics.registry, "g0129_writebacks_total", "result", ("updated", "created", "unchanged", "conflict"))
-    missing = unwritten(fake, n)
-    if missing:
-        raise RuntimeError(f"{len(missing)} Claims not at version 2, e.g. encounter {missing[0]}")
-    return Throughput(accept_s, latencies, drain_s, fake.seconds, outcomes)
-
-
-def counted(registry: Any, name: str, label: str, values: Iterable[str]) -> dict[str, int]:
-    """The non-zero samples of a labelled Prometheus counter."""
-    samples = {value: int(registry.get_sample_value(name, {label: value}) or 0) for value in values}
-    return {value: count for value, count in samples.items() if count}
-
-
-@dataclass
-class Latency:
-    sent: int
+class Row:
+    run: str
+    database: str
+    setup: str
+    count: int
     rate: float
-    send_s: float
-    accept_latencies: list[float]
-    end_to_end: list[float]
+    latencies: list[float]
+    note: str = ""
 
 
-async def latency(m: int, rate: float, data_dir: Path, rules: RuleSet, timeout: float) -> Latency:
-    fake, bodies = load_fake(m)
-    app = create_app(make_settings(data_dir), rules=rules, transport=httpx.MockTransport(fake), run_worker=True)
-    sent: dict[str, float] = {}
-    accept_latencies: list[float] = []
-    async with app.router.lifespan_context(app):
-        # The lifespan's catch-up tick queues a catch-up run at once. Against the sharded fake it
-        # fans out to every shard (a real server answers it with one indexed search), so let it
-        # finish before the clock starts rather than charge it to the first notifications.
-        queue = app.state.queue
-        while queue.counts()["done"] < 1 or queue.counts()["pending"]:
-            await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://adapter") as client:
+def adapter_env(database_url: str, fhir_base: str, folder: Path) -> dict[str, str]:
+    return {
+        "G0129_FHIR_BASE_URL": fhir_base,
+        "G0129_WEBHOOK_TOKEN": TOKEN,
+        "G0129_DATA_DIR": str(folder),
+        "G0129_DATABASE_URL": database_url,
+        # The catch-up at start only; an hour keeps it from running during the measurement.
+        "G0129_CATCHUP_INTERVAL": "3600",
+        "G0129_LOG_LEVEL": "warning",
+    }
 
-            async def send(i: int) -> None:
-                sent[f"bench{i}-claim"] = time.perf_counter()
-                accept_latencies.append(await notify(client, i, bodies[i]))
 
-            # Open loop: each notification leaves on its own schedule, whether or not earlier
-            # ones were answered, so a slow accept shows as latency, not as a lower rate.
-            tasks = []
-            start = time.perf_counter()
-            for i in range(m):
-                delay = start + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(send(i)))
-            await asyncio.gather(*tasks)
-            send_s = time.perf_counter() - start
-            deadline = time.perf_counter() + timeout
-            while (len(fake.claim_written) < m or queue.counts()["pending"]) and time.perf_counter() < deadline:
-                await asyncio.sleep(0.05)
-    missing = unwritten(fake, m)
-    if missing:
-        raise RuntimeError(f"{len(missing)} Claims not at version 2 after {timeout:.0f} s, e.g. encounter {missing[0]}")
-    return Latency(m, rate, send_s, accept_latencies, [fake.claim_written[c] - t for c, t in sent.items()])
+def intake(kind: str, url: str, folder: Path, n: int, workers: int, connections: int) -> Row:
+    with database(kind, url, folder) as database_url:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        requests = [
+            put(f"/notify/Encounter/in{i}", orjson.dumps({"resourceType": "Encounter", "id": f"in{i}", "status": "finished", "meta": {"versionId": "1", "lastUpdated": stamp}}))
+            for i in range(n)
+        ]
+        with uvicorn("bench.service:intake_app", adapter_env(database_url, "http://127.0.0.1:9/fhir", folder), workers) as service:
+            seconds, latencies = asyncio.run(send_all([service], requests, connections))
+        with JobQueue(database_url) as queue:
+            pending = queue.counts()["pending"]
+    if pending < n:
+        raise RuntimeError(f"{pending} jobs stored for {n} accepted notifications")
+    return Row("intake", kind, f"{workers} uvicorn worker(s), {connections} connections", n, n / seconds, latencies)
+
+
+def end_to_end(kind: str, url: str, folder: Path, fhir: str, n: int, replicas: int, connections: int) -> Row:
+    with database(kind, url, folder) as database_url:
+        if fhir == "memory":
+            port = free_port()
+            base = f"http://127.0.0.1:{port}/fhir"
+            context = fake_fhir(base, n, port)
+        else:
+            base = fhir
+            context = hapi(base, n)
+        with context as (ids, written):
+            with JobQueue(database_url) as queue:
+                # The catch-up at start looks from now: the data just loaded is not its work.
+                queue.set_checkpoint("lastUpdated", datetime.now(timezone.utc).isoformat())
+                services = [
+                    Service(base, folder, folder / f"serve-{kind}-{r}.log", TOKEN, extra=adapter_env(database_url, base, folder))
+                    for r in range(replicas)
+                ]
+                try:
+                    for service in services:
+                        service.start()
+                    wait_until(lambda: queue.counts()["pending"] == 0 and queue.counts()["done"] >= 1, 120, "the catch-up at start did not finish")
+                    requests = [put(f"/notify/Encounter/{e}", body) for e, body in ids]
+                    start = time.perf_counter()
+                    _, latencies = asyncio.run(send_all([s.url for s in services], requests, connections))
+                    # Asking HAPI is work for HAPI: twice a second at most (the figure's resolution).
+                    wait_until(lambda: written() >= n, max(300.0, n / 2), f"{n - written()} Claims not written", every=0.5 if fhir != "memory" else 0.1)
+                    seconds = time.perf_counter() - start
+                    counts = queue.counts()
+                finally:
+                    for service in services:
+                        service.stop()
+    note = f"jobs done {counts['done']}, dead {counts['dead']}"
+    return Row(f"e2e {fhir}", kind, f"{replicas} replica(s)", n, n / seconds, latencies, note)
+
+
+@contextmanager
+def fake_fhir(base: str, n: int, port: int) -> Iterator[tuple[list[tuple[str, bytes]], Any]]:
+    """The in-memory FHIR server in its own process; yields the notifications to send and a
+    function counting the Claims written."""
+    env = {"BENCH_ENCOUNTERS": str(n), "BENCH_FHIR_BASE": base}
+    with uvicorn("bench.service:fake_fhir_app", env, port=port) as url:
+        template = TEMPLATE.read_bytes()
+        bodies = []
+        for i in range(n):
+            encounter = next(r for r in encounter_resources(template, i) if r["resourceType"] == "Encounter")
+            bodies.append((f"bench{i}-enc", orjson.dumps(encounter)))
+        yield bodies, lambda: int(httpx.get(f"{url}/_written", timeout=10).json())
+
+
+@contextmanager
+def hapi(base: str, n: int) -> Iterator[tuple[list[tuple[str, bytes]], Any]]:
+    """n PHP days loaded into HAPI (fixture 01 under fresh ids, a transaction each)."""
+    if not answers(f"{base}/metadata"):
+        raise RuntimeError(f"no FHIR server at {base} (scripts/fhir-server up)")
+    template = TEMPLATE.read_bytes()
+    run = uuid.uuid4().hex[:6]
+    bodies = []
+    claims = []
+    with httpx.Client(base_url=base, timeout=60, headers={"Content-Type": "application/fhir+json"}) as fhir:
+        for i in range(n):
+            resources = orjson.loads(template.replace(b"php01-", f"h{run}x{i}-".encode()))["entry"]
+            entries = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                       for r in (e["resource"] for e in resources)]
+            fhir.post("", content=orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})).raise_for_status()
+            encounter = next(e["resource"] for e in entries if e["resource"]["resourceType"] == "Encounter")
+            bodies.append((encounter["id"], orjson.dumps(encounter)))
+            claims.append(f"h{run}x{i}-claim")
+
+        done: set[str] = set()
+
+        def written() -> int:
+            for k in range(0, len(claims), 50):
+                chunk = [c for c in claims[k : k + 50] if c not in done]
+                if chunk:
+                    found = fhir.get("Claim", params={"_id": ",".join(chunk), "_count": "50"}).json().get("entry", [])
+                    done.update(e["resource"]["id"] for e in found if annotated(e["resource"]))
+            return len(done)
+
+        yield bodies, written
 
 
 # -- machine -------------------------------------------------------------------------------------
@@ -332,53 +476,55 @@ def percentile(values: list[float], q: float) -> float:
 # -- main ----------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> None:
-    rules = load_ruleset()
-    with tempfile.TemporaryDirectory(prefix="g0129-bench-") as tmp:
-        folder = Path(tmp)
-        # Other work on the machine shows directly in the figures, hence the load average.
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"python {platform.python_version()}, {os.cpu_count()} cpu(s) ({cpu_model()}), load average {load}; one process, one event loop")
-        print(f"queue disk: {disk_of(folder)}, {fsyncs_per_second(folder):,.0f} write+fsync/s")
-        n = args.notifications
-        t = await throughput(n, args.concurrency, folder / "throughput", rules)
-        e2e_rate = n / t.drain_s
-        # A moderate load by default: half of what the worker just sustained, so the queue
-        # stays short and the latency is the pipeline's, not a backlog's.
-        rate = args.rate or max(1.0, round(e2e_rate / 2))
-        m = args.latency_notifications or min(n, max(50, int(rate * 15)))
-        lat = await latency(m, rate, folder / "latency", rules, timeout=max(60.0, 4 * m / e2e_rate))
-
-    rows = [
-        ("notifications accepted/s", f"{n / t.accept_s:,.0f}", f"{n} PUT /notify/Encounter/<id>, {args.concurrency} senders, worker stopped"),
-        ("  accept latency p50 / p99", f"{percentile(t.accept_latencies, .5) * 1e3:.1f} / {percentile(t.accept_latencies, .99) * 1e3:.1f} ms", "per PUT, same run"),
-        ("end-to-end decisions/s", f"{e2e_rate:,.0f}", f"then worker.run_once() until the {n} jobs are done (all {n} Claims at version 2)"),
-        ("  of which in the fake FHIR", f"{t.fake_s / t.drain_s:.0%}", f"{t.fake_s / n * 1e3:.1f} ms per job inside FakeFHIR"),
-        ("notification -> write-back p50", f"{percentile(lat.end_to_end, .5) * 1e3:.0f} ms", f"{lat.sent} notifications at {lat.rate:g}/s with the worker running"),
-        ("notification -> write-back p99", f"{percentile(lat.end_to_end, .99) * 1e3:.0f} ms", f"min {min(lat.end_to_end) * 1e3:.0f} ms, max {max(lat.end_to_end) * 1e3:.0f} ms"),
-        ("  accept latency p50 / p99", f"{percentile(lat.accept_latencies, .5) * 1e3:.1f} / {percentile(lat.accept_latencies, .99) * 1e3:.1f} ms", "per PUT while the worker runs in the same event loop"),
-    ]
-    print(f"phase 1 outcomes: {', '.join(f'{k} {v}' for k, v in t.outcomes.items())}")
-    width = max(len(r[0]) for r in rows)
-    value_width = max(len(r[1]) for r in rows)
-    print(f"{'figure':<{width}}  {'value':>{value_width}}  setup")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>{value_width}}  {note}")
-    print("accepted/s = auth, parse, SQLite insert with one fsync per enqueue, 200 reply (no FHIR calls);")
-    print("decisions/s = claim a job, 2 FHIR reads (search with includes + batch), decide, annotate, validate")
-    print("  the R4 Claim, one transaction (Claim PUT + Provenance), record our own write, mark done;")
-    print("notification -> write-back = from sending the PUT to the fake applying the Claim's transaction,")
-    print("  the worker being woken by the accepted notification (its idle poll is only a fallback).")
+def postgres_url(given: str) -> str:
+    if given:
+        return given
+    if os.environ.get("G0129_TEST_DATABASE_URL"):
+        return os.environ["G0129_TEST_DATABASE_URL"]
+    return subprocess.run([str(ROOT / "scripts" / "postgres"), "url"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--notifications", type=int, default=2_000, help="phase 1: notifications (distinct encounters)")
-    parser.add_argument("--concurrency", type=int, default=5, help="phase 1: parallel senders (HAPI delivers with 5 threads)")
-    parser.add_argument("--rate", type=float, default=0.0, help="phase 2: notifications per second (default: half the phase-1 decisions/s)")
-    parser.add_argument("--latency-notifications", type=int, default=0, help="phase 2: how many (default: about 15 s worth)")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="sqlite, postgresql or both (default)")
+    parser.add_argument("--database-url", default="", help="the PostgreSQL (default: G0129_TEST_DATABASE_URL, else scripts/postgres url)")
+    parser.add_argument("--notifications", type=int, default=5_000, help="intake: notifications sent (default 5,000)")
+    parser.add_argument("--workers", type=int, default=2, help="intake: uvicorn worker processes (default 2, one per core)")
+    parser.add_argument("--connections", type=int, default=32, help="client keep-alive connections (default 32)")
+    parser.add_argument("--fhir", default="memory", help="e2e FHIR servers: memory, hapi or both (memory,hapi); none skips e2e")
+    parser.add_argument("--fhir-base", default=os.environ.get("G0129_E2E_FHIR_BASE", "http://127.0.0.1:8080/fhir"), help="HAPI's base URL")
+    parser.add_argument("--encounters", type=int, default=600, help="e2e: encounters, one notification each (default 600; HAPI: a fifth)")
+    parser.add_argument("--replicas", default="1,3", help="e2e: replica counts (default 1,3)")
     args = parser.parse_args()
-    asyncio.run(run(args))
+    kinds = args.databases.split(",")
+    url = postgres_url(args.database_url) if "postgresql" in kinds else ""
+    fhirs = [] if args.fhir == "none" else args.fhir.split(",")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="g0129-bench-") as tmp:
+        folder = Path(tmp)
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"python {platform.python_version()}, {os.cpu_count()} cpu(s) ({cpu_model()}), load average {load}")
+        print(f"SQLite disk: {disk_of(folder)}, {fsyncs_per_second(folder):,.0f} write+fsync/s", flush=True)
+        for kind in kinds:
+            rows.append(intake(kind, url, folder, args.notifications, args.workers, args.connections))
+            report(rows[-1:])
+        for fhir in fhirs:
+            n = args.encounters if fhir == "memory" else max(20, args.encounters // 5)
+            for kind in kinds:
+                for replicas in (int(r) for r in args.replicas.split(",")):
+                    rows.append(end_to_end(kind, url, folder, "memory" if fhir == "memory" else args.fhir_base, n, replicas, min(args.connections, 8)))
+                    report(rows[-1:])
+    print()
+    report(rows)
+
+
+def report(rows: list[Row]) -> None:
+    for row in rows:
+        print(
+            f"{row.run:<10} {row.database:<10} {row.setup:<34} {row.count:>6}  {row.rate:>8,.0f}/s"
+            f"  p50 {percentile(row.latencies, .5) * 1e3:6.1f} ms  p99 {percentile(row.latencies, .99) * 1e3:6.1f} ms  {row.note}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

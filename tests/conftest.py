@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,43 @@ SCENARIO_DIRS = (FIXTURES, INVALID_FIXTURES)
 @pytest.fixture(scope="session")
 def ruleset() -> RuleSet:
     return load_ruleset()
+
+
+# -- the job queue's databases ---------------------------------------------------------------
+
+# A PostgreSQL for the tests (`scripts/postgres up` prints its URL); `.ci/run` sets it, and with
+# G0129_E2E_REQUIRED=1 its absence fails the PostgreSQL tests instead of skipping them.
+TEST_DATABASE_URL = os.environ.get("G0129_TEST_DATABASE_URL", "")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The test PostgreSQL as a URL whose tables land in a fresh schema of their own, dropped
+    afterwards: tests see an empty database, and leave nothing behind."""
+    if not TEST_DATABASE_URL:
+        if os.environ.get("G0129_E2E_REQUIRED") == "1":
+            pytest.fail("G0129_TEST_DATABASE_URL is not set, and G0129_E2E_REQUIRED=1 (scripts/postgres up prints it)")
+        pytest.skip("no PostgreSQL: G0129_TEST_DATABASE_URL is not set (scripts/postgres up prints it)")
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in TEST_DATABASE_URL else "?"
+    try:
+        yield f"{TEST_DATABASE_URL}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(TEST_DATABASE_URL, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend of the job queue in turn, empty: an SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'queue.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 # -- the sidecar through its ASGI seam (httpx.ASGITransport), no server, no socket -----------

@@ -64,15 +64,15 @@ def fake() -> Iterator[FakeFHIR]:
 class Server:
     """`g0129 serve` in its own process, stopped the hard way when asked."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log: Path, *options: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         with log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--log-level", "warning"],
+                [sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--log-level", "warning", *options],
                 env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink,
             )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
@@ -86,6 +86,11 @@ class Server:
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: with --workers, uvicorn's parent stops its processes before it exits."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
 
 
 def pending_metric(url: str) -> float:
@@ -213,3 +218,28 @@ def test_unreachable_server_on_replay_is_one_line_per_claim(tmp_path: Path, env:
     code, _, err = run("replay", str(FIXTURES / "01-medicare-php-hospital.json"), "--out", str(tmp_path), "--fhir-base", base)
     assert code == 1
     assert err.startswith("error: Claim/php01-claim: not written:") and "Traceback" not in err
+
+
+def test_serve_with_two_processes_on_one_queue(database_url: str, env: dict[str, str], tmp_path: Path) -> None:
+    # The FHIR server is down; the Claims name no encounter, so their jobs end without it.
+    env = env | {"G0129_DATABASE_URL": database_url, "G0129_FHIR_BASE_URL": f"http://127.0.0.1:{free_port()}/fhir"}
+    server = Server(env, free_port(), tmp_path / "serve.log", "--workers", "2", "--log-level", "info")
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/fhir+json"}
+        with httpx.Client(base_url=server.url, headers=headers) as client:
+            for n in range(20):
+                claim = {"resourceType": "Claim", "id": f"c{n}", "meta": {"versionId": "1", "lastUpdated": "2026-07-24T12:00:00Z"}}
+                assert client.put(f"/notify/Claim/c{n}", content=orjson.dumps(claim)).status_code == 200
+    finally:
+        server.stop()
+    from adapter.queue import JobQueue
+
+    with JobQueue(database_url) as queue:
+        stored = {job.resource_id for state in ("pending", "done") for job in queue.list(state) if job.kind == "resource"}
+    assert stored == {f"c{n}" for n in range(20)}
+    assert server.log.read_text().count("Started server process") == 2
+
+
+def test_serve_refuses_a_dry_run_in_several_processes(env: dict[str, str]) -> None:
+    code, _, err = run("serve", "--workers", "2", "--dry-run")
+    assert code == 2 and "--dry-run runs in one process" in err

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -7,14 +8,15 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 
 from adapter.errors import UsageError
-from adapter.queue import CATCH_UP, Job, JobQueue, NewJob
+from adapter.queue import CATCH_UP, GroupCommit, Job, JobQueue, NewJob
 from adapter.retry import RetryPolicy
 from adapter.settings import Settings
 
@@ -39,10 +41,11 @@ def clock() -> Clock:
     return Clock()
 
 
+# Every test taking `queue` or `database_url` runs on SQLite and on PostgreSQL (tests/conftest.py).
 @pytest.fixture
-def queue(tmp_path: Path, clock: Clock) -> Iterator[JobQueue]:
+def queue(database_url: str, clock: Clock) -> Iterator[JobQueue]:
     with JobQueue(
-        tmp_path / "data" / "queue.sqlite3",
+        database_url,
         policy=POLICY,
         retry_for=3600.0,
         dead_letter_attempts=3,
@@ -84,6 +87,21 @@ def _python(script: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
     )
+
+@contextmanager
+def _killed_afterwards(script: str) -> Iterator[str]:
+    """Run `script` in another Python process and give its first line; then SIGKILL it."""
+    child = _python(textwrap.dedent(script))
+    try:
+        assert child.stdout is not None
+        yield child.stdout.readline().strip()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+
 
 def test_enqueue_then_claim_returns_the_job(queue: JobQueue) -> None:
     assert add(queue) is True
@@ -238,10 +256,9 @@ def test_a_job_that_keeps_killing_its_worker_is_dead_lettered(queue: JobQueue) -
     assert "stopped 3 times" in (dead.last_error or "")
 
 
-def test_leases_of_a_killed_process_are_reclaimed_at_start(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
-    script = textwrap.dedent(
-        f"""
+def test_leases_of_a_killed_process_are_reclaimed_at_start(database_url: str, tmp_path: Path) -> None:
+    path = database_url
+    script = f"""
         import time
         from adapter.queue import JobQueue
         queue = JobQueue({str(path)!r})
@@ -250,19 +267,11 @@ def test_leases_of_a_killed_process_are_reclaimed_at_start(tmp_path: Path) -> No
         print("leased", job.id, flush=True)
         time.sleep(60)
         """
-    )
-    child = _python(script)
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().startswith("leased")
+    with _killed_afterwards(script) as line:
+        assert line.startswith("leased")
         with JobQueue(path) as alive:
             assert alive.reclaim_abandoned() == 0, "its holder is alive: the lease stands"
             assert alive.claim_next(time.time()) is None
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
 
     with JobQueue(path) as queue:  # lease_seconds: 300, none of it waited out
         assert queue.reclaim_abandoned() == 1
@@ -271,11 +280,13 @@ def test_leases_of_a_killed_process_are_reclaimed_at_start(tmp_path: Path) -> No
         assert job.attempts == 1, "the lost worker counts as an attempt"
         assert job.leased_by == queue.owner
         assert queue.reclaim_abandoned() == 0, "our own lease is not reclaimed"
-    assert list((tmp_path / "q.sqlite3.owners").iterdir()) == [], "lock files go with their holders"
+    if database_url.startswith("sqlite"):
+        owners = tmp_path / "data" / "queue.sqlite3.owners"
+        assert list(owners.iterdir()) == [], "lock files go with their holders"
 
 
-def test_a_live_holder_in_the_same_process_keeps_its_leases(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
+def test_a_live_holder_in_the_same_process_keeps_its_leases(database_url: str) -> None:
+    path = database_url
     with JobQueue(path) as first, JobQueue(path) as second:
         first.enqueue("resource", "Claim", "c1", "1", None, "webhook")
         now = time.time()
@@ -481,8 +492,8 @@ def test_own_writes(queue: JobQueue) -> None:
 # --- durability and sharing ----------------------------------------------------------------
 
 
-def test_state_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
+def test_state_survives_reopening(database_url: str) -> None:
+    path = database_url
     with JobQueue(path) as queue:
         add(queue)
         queue.set_checkpoint("x", "1")
@@ -570,16 +581,15 @@ def test_a_schema_1_queue_opens_and_is_migrated_in_place(tmp_path: Path) -> None
             db.close()
 
     version, indexes = schema()
-    assert version == 2 and "jobs_version" not in indexes and "jobs_key" in indexes
+    assert version == 3 and "jobs_version" not in indexes and "jobs_key" in indexes
     with JobQueue(path) as queue:  # opening a migrated file changes nothing
         assert queue.counts() == {"pending": 3, "done": 2, "dead": 0}
     assert schema() == (version, indexes)
 
 
-def test_kill_9_loses_no_accepted_job(tmp_path: Path) -> None:
-    path = tmp_path / "q.sqlite3"
-    script = textwrap.dedent(
-        f"""
+def test_kill_9_loses_no_accepted_job(database_url: str) -> None:
+    path = database_url
+    script = f"""
         import sys, time
         from adapter.queue import JobQueue
         queue = JobQueue({str(path)!r})
@@ -588,35 +598,27 @@ def test_kill_9_loses_no_accepted_job(tmp_path: Path) -> None:
         print("accepted", flush=True)
         time.sleep(60)
         """
-    )
-    child = _python(script)
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "accepted"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
-    assert child.returncode == -signal.SIGKILL
+    with _killed_afterwards(script) as line:
+        assert line == "accepted"
 
     with JobQueue(path) as queue:
         assert queue.counts()["pending"] == 20
         assert {job.resource_id for job in queue.list("pending")} == {f"c{n}" for n in range(20)}
 
 
-def test_threads_never_claim_the_same_job_twice(tmp_path: Path) -> None:
-    with JobQueue(tmp_path / "q.sqlite3") as queue:
+def test_threads_never_claim_the_same_job_twice(database_url: str) -> None:
+    # Two instances (two replicas' connections), two threads each.
+    with JobQueue(database_url) as queue, JobQueue(database_url) as other:
         for n in range(200):
             queue.enqueue("claim", "Claim", f"c{n}", "1", None, "test")
         claimed: list[int] = []
 
-        def worker() -> None:
+        def worker(queue: JobQueue) -> None:
             while (job := queue.claim_next(T0 * 10_000)) is not None:
                 claimed.append(job.id)
                 queue.complete(job.id)
 
-        threads = [threading.Thread(target=worker) for _ in range(4)]
+        threads = [threading.Thread(target=worker, args=(q,)) for q in (queue, other, queue, other)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -635,10 +637,125 @@ def test_from_settings_puts_the_file_in_the_data_dir(tmp_path: Path) -> None:
         assert queue.path.exists()
 
 
-def test_an_own_write_is_told_from_a_version_a_reset_server_made_anew(tmp_path: Path) -> None:
-    with JobQueue(tmp_path / "q.sqlite3") as queue:
+def test_an_own_write_is_told_from_a_version_a_reset_server_made_anew(database_url: str) -> None:
+    with JobQueue(database_url) as queue:
         queue.record_own_write("c1", "2", "2026-01-01T00:00:00.010Z")
         assert queue.is_own_write("c1", "2", "2026-01-01T00:00:00.01+00:00"), "the same instant, spelt otherwise"
         assert queue.is_own_write("c1", "2"), "a notification without lastUpdated: the version decides"
         assert not queue.is_own_write("c1", "2", "2026-03-09T12:00:00Z"), "version 2 again, after a reset"
         assert not queue.is_own_write("c1", "3")
+
+
+# --- replicas: named locks, migrations ------------------------------------------------------
+
+
+def test_a_lock_has_one_holder_until_released_or_expired(database_url: str, clock: Clock) -> None:
+    with JobQueue(database_url, clock=clock) as one, JobQueue(database_url, clock=clock) as two:
+        token = one.try_lock("Patient/p1", 30.0)
+        assert token is not None
+        assert two.try_lock("Patient/p1", 30.0) is None, "another replica"
+        assert one.try_lock("Patient/p1", 30.0) is None, "another task of the same replica"
+        assert two.try_lock("Patient/p2", 30.0) is not None, "another patient"
+
+        one.unlock("Patient/p1", token)
+        again = two.try_lock("Patient/p1", 30.0)
+        assert again is not None
+        one.unlock("Patient/p1", token)  # a stale token releases nothing
+        assert one.try_lock("Patient/p1", 30.0) is None
+
+        clock.now += 30.0  # the holder hung: its lock runs out
+        assert one.try_lock("Patient/p1", 30.0) is not None
+
+
+def test_the_lock_of_a_killed_process_is_taken_over_at_once(database_url: str) -> None:
+    script = f"""
+        import time
+        from adapter.queue import JobQueue
+        queue = JobQueue({database_url!r})
+        assert queue.try_lock("Patient/p1", 3600.0)
+        print("locked", flush=True)
+        time.sleep(60)
+        """
+    with _killed_afterwards(script) as line:
+        assert line == "locked"
+        with JobQueue(database_url) as queue:
+            assert queue.try_lock("Patient/p1", 60.0) is None, "its holder lives"
+    with JobQueue(database_url) as queue:
+        assert queue.try_lock("Patient/p1", 60.0) is not None, "an hour early: its holder is dead"
+
+
+def test_replicas_starting_together_migrate_once(database_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            JobQueue(database_url).close()
+        except BaseException as exc:  # collected: a thread's exception would be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with JobQueue(database_url) as queue:
+        assert add(queue) and not add(queue)
+
+
+def test_a_newer_postgresql_schema_is_refused(postgres_url: str) -> None:
+    import psycopg
+
+    JobQueue(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(UsageError, match="newer adapter"):
+        JobQueue(postgres_url)
+
+
+def test_an_unknown_database_url_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="G0129_DATABASE_URL"):
+        JobQueue("mysql://db/g0129")
+
+
+# --- group commit --------------------------------------------------------------------------
+
+
+def test_group_commit_stores_concurrent_requests_in_few_transactions(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with JobQueue(database_url) as queue:
+        transactions: list[int] = []
+        real = queue.enqueue_many
+
+        def counted(jobs: Iterable[NewJob]) -> list[bool]:
+            batch = list(jobs)
+            transactions.append(len(batch))
+            return real(batch)
+
+        monkeypatch.setattr(queue, "enqueue_many", counted)
+        intake = GroupCommit(queue)
+
+        async def requests() -> list[list[bool]]:
+            # 100 requests at once, each with its own answer: a repeat is told apart, even
+            # within one batch, in the order the requests came.
+            one = [intake.enqueue([NewJob("resource", "Encounter", f"e{n}", "1", None, "test", BEFORE_RESET)]) for n in range(100)]
+            repeat = [intake.enqueue([NewJob("resource", "Encounter", "e7", "1", None, "test", BEFORE_RESET), NewJob(CATCH_UP, "Subscription", CATCH_UP)])]
+            return await asyncio.gather(*one, *repeat)
+
+        answers = asyncio.run(requests())
+        assert answers == [[True]] * 100 + [[False, True]]
+        assert sum(transactions) == 102 and len(transactions) < 10, transactions
+        assert queue.counts()["pending"] == 101
+
+
+def test_group_commit_fails_every_request_of_a_failed_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with JobQueue(tmp_path / "q.sqlite3") as queue:
+        def broken(jobs: Iterable[NewJob]) -> list[bool]:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(queue, "enqueue_many", broken)
+        intake = GroupCommit(queue)
+
+        async def requests() -> list[list[bool] | BaseException]:
+            return await asyncio.gather(*(intake.enqueue([NewJob("resource", "Encounter", f"e{n}")]) for n in range(5)), return_exceptions=True)
+
+        assert all(isinstance(answer, OSError) for answer in asyncio.run(requests()))

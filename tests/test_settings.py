@@ -142,3 +142,13 @@ def test_http_retry_policy_follows_the_settings() -> None:
 def test_reads_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("G0129_CATCHUP_INTERVAL", "5")
     assert Settings.from_env().catchup_interval == 5.0
+
+
+def test_the_database_url_is_sqlite_or_postgresql() -> None:
+    assert Settings.from_env({}).database_url is None, "the SQLite file in G0129_DATA_DIR"
+    for url in ("sqlite:////var/lib/g0129/queue.sqlite3", "postgresql://g0129:pw@db:5432/g0129"):
+        assert Settings.from_env({"G0129_DATABASE_URL": url}).database_url == url
+    with pytest.raises(UsageError, match="G0129_DATABASE_URL must be") as error:
+        Settings.from_env({"G0129_DATABASE_URL": "mysql://u:secret@db/g0129"})
+    assert "secret" not in str(error.value)
+    assert "pw" not in repr(Settings.from_env({"G0129_DATABASE_URL": "postgresql://g0129:pw@db/g0129"}))

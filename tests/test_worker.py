@@ -363,3 +363,94 @@ def test_dry_run_logs_each_claim_diff_as_a_json_patch(tmp_path: Path, fake: Fake
     annotated = jsonpatch.apply_patch(server, patch)
     assert annotated["meta"]["tag"][0]["code"] == "annotated"
     assert any(e["url"] == DECISION_EXTENSION for e in annotated["extension"])
+
+
+# -- replicas: several workers on one queue -----------------------------------------------------
+
+
+def replica(database_url: str, ruleset: RuleSet, concurrency: int = 1, catch_up_interval: float = 60.0) -> Worker:
+    """A worker with a queue instance (a connection, a lease holder) of its own, as each
+    `g0129 serve` process has."""
+    queue = JobQueue(database_url, dead_letter_attempts=3)
+    client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=3), sleep=_no_sleep)
+    return Worker(queue, client, ruleset, Metrics(queue.counts), concurrency=concurrency, catch_up_interval=catch_up_interval)
+
+
+async def drain(workers: list[Worker], queue: JobQueue) -> None:
+    """Run the workers together until nothing is pending, then stop them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run(stop, idle=0.01)) for w in workers]
+    for _ in range(1000):
+        if queue.counts()["pending"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+def test_a_job_waits_while_another_writer_holds_its_patient(database_url: str, fake: FakeFHIR, ruleset: RuleSet) -> None:
+    worker = replica(database_url, ruleset)
+    other = JobQueue(database_url)  # another replica, in the middle of writing this patient's Claims
+    token = other.try_lock("Patient/php01-pat", 60.0)
+    assert token is not None
+    worker.queue.enqueue(RESOURCE, "Encounter", "php01-enc", "1", None, "test")
+
+    async def main() -> None:
+        job = asyncio.create_task(worker.run_once())
+        await asyncio.sleep(0.3)
+        assert not job.done() and claim_writes(fake) == [], "no write while the other holds the patient"
+        await asyncio.to_thread(other.unlock, "Patient/php01-pat", token)
+        assert await job is True
+        await worker.client.aclose()
+
+    asyncio.run(main())
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    # The job gathered again once it had the lock: it decided from what the other left.
+    assert len([r for r in fake.requests if r.method == "GET" and "_revinclude" in str(r.url)]) == 2
+    other.close()
+    worker.queue.close()
+
+
+def test_replicas_with_jobs_in_flight_write_each_claim_once(database_url: str, fake: FakeFHIR, ruleset: RuleSet) -> None:
+    """Three notifications touching one Claim, two replicas with four jobs in flight each: one
+    write, and no conflict (the second job for the patient waits, then finds nothing to do)."""
+    workers = [replica(database_url, ruleset, concurrency=4) for _ in range(2)]
+    queue = workers[0].queue
+    for rtype, rid in (("Encounter", "php01-enc"), ("Procedure", "php01-ot1"), ("Claim", "php01-claim")):
+        queue.enqueue(RESOURCE, rtype, rid, "1", None, "test")
+
+    async def main() -> None:
+        await drain(workers, queue)
+        for w in workers:
+            await w.client.aclose()
+
+    asyncio.run(main())
+    assert queue.counts() == {"pending": 0, "done": 3, "dead": 0}
+    assert len(claim_writes(fake)) == 1
+    assert fake.current("Claim", "php01-claim")["meta"]["versionId"] == "2"
+    assert sum(metric(w, "g0129_writebacks_total", {"result": "conflict"}) for w in workers) == 0
+    for w in workers:
+        w.queue.close()
+
+
+def test_one_catch_up_timer_across_replicas(database_url: str, fake: FakeFHIR, ruleset: RuleSet) -> None:
+    workers = [replica(database_url, ruleset, catch_up_interval=3600.0) for _ in range(3)]
+    queue = workers[0].queue
+
+    async def tick() -> None:
+        stop = asyncio.Event()
+        ticks = [asyncio.create_task(w.tick_catch_up(stop)) for w in workers]
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*ticks)
+
+    asyncio.run(tick())
+    (timer,) = queue.list("pending")
+    assert (timer.kind, timer.source) == (CATCH_UP, "timer")
+    queue.complete(timer.id)
+    # The timers tick on (restarted loops here: each looks at once), within the interval: no second one.
+    asyncio.run(tick())
+    assert queue.list("pending") == []
+    for w in workers:
+        asyncio.run(w.client.aclose())
+        w.queue.close()
