@@ -6,9 +6,12 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
-# Debian's Java 17 runtime. bash, which the healthchecks (compose's and the one below) use to ask
-# /fhir/metadata over /dev/tcp, is in every Debian image.
-RUN apt-get update \
+# Debian's Java 17 runtime. Slim images install no manuals, but the JRE's postinst links its man
+# pages with update-alternatives, which fails unless the directory is there. bash, which the
+# healthchecks (compose's and the one below) use to ask /fhir/metadata over /dev/tcp, is in every
+# Debian image.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openjdk-17-jre-headless \
     && rm -rf /var/lib/apt/lists/*
 
