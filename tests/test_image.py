@@ -174,7 +174,7 @@ def beside() -> Iterator[Beside]:
         )
         yield Beside(network, adapter, subscribed)
     finally:
-        podman("rm", "-f", "--ignore", hapi, adapter, check=False)
+        podman("rm", "-f", "-v", "--ignore", hapi, adapter, check=False)
         podman("volume", "rm", "-f", volume, check=False)
         podman("network", "rm", "-f", network, check=False)
 
@@ -253,6 +253,9 @@ def compose() -> Iterator[Compose]:
                 wait_healthy(containers[name], HAPI_START)
         yield Compose(containers, exit_codes)
     finally:
+        # -v: the anonymous volume the image's VOLUME gives `subscribe` too, which `down -v` keeps
+        if containers:
+            podman("rm", "-f", "-v", *containers.values(), check=False)
         subprocess.run([*command, "down", "-v"], capture_output=True, env=env, timeout=300)
 
 
