@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -9,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from adapter.ruleset import RuleSet, load_ruleset
 from adapter.service import create_app
 from adapter.settings import Settings
+from adapter.vocabulary import TAG_SYSTEM
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -93,3 +96,40 @@ def serve(tmp_path: Path, test: Callable[[httpx.AsyncClient, Any], Awaitable[Non
             await test(client, app)
 
     asyncio.run(main())
+
+
+# -- a real FHIR server (the end-to-end and image tests) -------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def php_day_transaction(
+    base: str, change: Callable[[dict[str, dict[str, Any]]], None] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Fixture 01 (a Medicare PHP day) under fresh ids, as a transaction Bundle of PUTs for the
+    server at `base`; returns (prefix, bundle). The Claim is `Claim/{prefix}-claim`."""
+    prefix = f"e{uuid.uuid4().hex[:10]}"
+    raw = (FIXTURES / "01-medicare-php-hospital.json").read_bytes().replace(b"php01-", f"{prefix}-".encode())
+    bundle = orjson.loads(raw)
+    resources = {e["resource"]["id"].removeprefix(f"{prefix}-"): e["resource"] for e in bundle["entry"]}
+    if change:
+        change(resources)
+    entries = [
+        {"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+        for r in resources.values()
+    ]
+    return prefix, {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def annotated(c: dict[str, Any]) -> bool:
+    """The Claim carries our `annotated` tag: the adapter wrote its decision onto it."""
+    return any(t.get("system") == TAG_SYSTEM and t.get("code") == "annotated" for t in (c.get("meta") or {}).get("tag", []))

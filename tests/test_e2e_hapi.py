@@ -33,14 +33,13 @@ from adapter import jsonio
 from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
-from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM, ehr_view
+from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, ehr_view
 
-from .conftest import FIXTURES, ROOT
+from .conftest import FIXTURES, ROOT, annotated, php_day_transaction, wait_for
 from .fakefhir import rewrite_references
 
 HAPI = os.environ.get("G0129_E2E_FHIR_BASE", "http://127.0.0.1:8080/fhir")
 TOKEN = "e2e-webhook-token"
-TEMPLATE = FIXTURES / "01-medicare-php-hospital.json"
 
 
 def _hapi_up() -> bool:
@@ -65,17 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 # -- the proxy -----------------------------------------------------------------------------------
@@ -206,18 +194,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[
 
 
 def php_day(change: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> tuple[str, dict[str, Any]]:
-    """Fixture 01 under fresh ids, as a transaction Bundle of PUTs; returns (prefix, bundle)."""
-    prefix = f"e{uuid.uuid4().hex[:10]}"
-    raw = TEMPLATE.read_bytes().replace(b"php01-", f"{prefix}-".encode())
-    bundle = orjson.loads(raw)
-    resources = {e["resource"]["id"].removeprefix(f"{prefix}-"): e["resource"] for e in bundle["entry"]}
-    if change:
-        change(resources)
-    entries = [
-        {"fullUrl": f"{HAPI}/{r['resourceType']}/{r['id']}", "resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in resources.values()
-    ]
-    return prefix, {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    return php_day_transaction(HAPI, change)
 
 
 def post_transaction(bundle: dict[str, Any]) -> dict[str, Any]:
@@ -230,10 +207,6 @@ def claim(prefix: str) -> dict[str, Any]:
     r = fhir.get(f"/Claim/{prefix}-claim")
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def annotated(c: dict[str, Any]) -> bool:
-    return any(t.get("system") == TAG_SYSTEM and t.get("code") == "annotated" for t in (c.get("meta") or {}).get("tag", []))
 
 
 def wait_annotated(prefix: str, timeout: float = 60.0) -> dict[str, Any]:
