@@ -71,8 +71,12 @@ def _command(service: dict[str, Any]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
 
 
-def test_compose_has_the_three_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"hapi", "adapter", "subscribe"}
+def test_compose_has_the_three_services_and_postgres_for_replicas(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == {"hapi", "adapter", "subscribe", "postgres"}
+    assert services["postgres"]["profiles"] == ["postgres"], "PostgreSQL only when asked for: SQLite is the default"
+    assert services["adapter"]["deploy"]["replicas"] == "${G0129_REPLICAS:-1}"
+    assert _environment(services["adapter"])["G0129_DATABASE_URL"] == "${G0129_DATABASE_URL:-}"
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
 
 
 def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
