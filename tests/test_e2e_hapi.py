@@ -391,6 +391,24 @@ def _ehr_part(c: dict[str, Any]) -> bytes:
     return jsonio.dumps(view, option=orjson.OPT_SORT_KEYS)
 
 
+def validation_errors(resource: dict[str, Any]) -> list[str]:
+    """What HAPI's `$validate` finds wrong with a resource (severity error or fatal), against
+    the R4 base and our published definitions (scripts/fhir-server loads conformance/)."""
+    outcome = fhir.post(f"/{resource['resourceType']}/$validate", content=jsonio.dumps(resource)).json()
+    return [
+        f"{resource['resourceType']}/{resource.get('id')}: {i.get('diagnostics')} at {i.get('expression')}"
+        for i in outcome.get("issue", [])
+        if i["severity"] in ("error", "fatal")
+    ]
+
+
+def ours(rtype: str) -> list[dict[str, Any]]:
+    """Every resource of a type on HAPI that carries our tag: what the adapter wrote."""
+    bundle = fhir.get(f"/{rtype}", params={"_tag": f"{TAG_SYSTEM}|annotated", "_count": "1000"}).json()
+    assert "next" not in {link["relation"] for link in bundle.get("link", [])}
+    return [jsonio.loads(jsonio.dumps(e["resource"])) for e in bundle.get("entry", [])]
+
+
 def _version(key: str, version: str) -> dict[str, Any]:
     return jsonio.loads(fhir.get(f"/{key}/_history/{version}").content)  # type: ignore[no-any-return]
 
@@ -480,3 +498,9 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
     assert _ehr_part(written) == _ehr_part(_version("Claim/php59-claim", str(int(written["meta"]["versionId"]) - 1)))
     again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
     assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout
+    # Everything the adapter wrote here (and in the tests before) is valid against R4 and our
+    # published definitions: zero errors from HAPI's validator.
+    written = {rtype: ours(rtype) for rtype in ("Claim", "Provenance")}
+    assert len(written["Claim"]) >= len({d["claim"] or d["encounter"] for d in decisions})
+    assert len(written["Provenance"]) >= len(written["Claim"])
+    assert [e for resources in written.values() for r in resources for e in validation_errors(r)] == []
