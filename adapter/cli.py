@@ -257,7 +257,7 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
 async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: RuleSet, stdout: IO[str], stderr: IO[str]) -> bool:
     settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.fhir_base.rstrip("/"))
     async with FHIRClient.from_settings(settings) as client:
-        results = await push_claims(Writer(client, dry_run=args.dry_run), index, run, rules)
+        results = await push_claims(Writer(client, dry_run=args.dry_run, review_owner=settings.review_owner), index, run, rules)
     failed = False
     for claim, outcome in results:
         if isinstance(outcome, FHIRError):

@@ -130,7 +130,9 @@ def create_app(
     client = FHIRClient.from_settings(settings, transport=transport, on_retry=count_retry)
     # Readiness must answer fast: one try, a short timeout.
     probe = FHIRClient.from_settings(settings, transport=transport, retry=RetryPolicy(max_attempts=1), timeout=3.0)
-    worker = Worker(queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval, clock=clock)
+    worker = Worker(
+        queue, client, rules, metrics, dry_run=dry_run, review_owner=settings.review_owner, catch_up_interval=settings.catchup_interval, clock=clock
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -74,6 +74,7 @@ class Worker:
         metrics: Metrics,
         *,
         dry_run: bool = False,
+        review_owner: str | None = None,
         catch_up_interval: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -83,7 +84,7 @@ class Worker:
         self.metrics = metrics
         self.clock = clock
         self.catch_up_interval = catch_up_interval
-        self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run)
+        self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run, review_owner=review_owner)
         # Set by the service when it accepts work, so a new job starts at once.
         self.wake = asyncio.Event()
 

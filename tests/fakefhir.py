@@ -273,10 +273,18 @@ class FakeFHIR:
         resolved: dict[str, str] = {}
         out = []
         for entry in bundle.get("entry", []):
-            request, resource = entry["request"], jsonio.copy(entry["resource"])
-            for target in resource.get("target", []):
-                target["reference"] = resolved.get(target.get("reference"), target.get("reference"))
-            if request["method"] == "PUT":
+            request, resource = entry["request"], rewrite_references(entry["resource"], resolved)
+            rtype, conditional, query = request["url"].partition("?")
+            if request["method"] == "PUT" and conditional:  # conditional update: the one match, else create
+                matches = self._matches(rtype, parse_qsl(query))
+                if len(matches) > 1:
+                    self.store = snapshot
+                    return self._outcome(412, f"{len(matches)} resources match {request['url']}")
+                if matches:
+                    status, stored = self._update(resource | {"id": matches[0]["id"]}, None)
+                else:
+                    status, stored = self._create(resource, None)
+            elif request["method"] == "PUT":
                 status, stored = self._update(resource, request.get("ifMatch"))
             else:
                 status, stored = self._create(resource, request.get("ifNoneExist"))

@@ -31,13 +31,16 @@ from adapter import jsonio
 from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
-from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM, ehr_view
+from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM, TASK_IDENTIFIER_SYSTEM, ehr_view
 
 from .conftest import FIXTURES, ROOT
 from .fakefhir import rewrite_references
 
 HAPI = os.environ.get("G0129_E2E_FHIR_BASE", "http://127.0.0.1:8080/fhir")
 TOKEN = "e2e-webhook-token"
+# The billing team the review Tasks are assigned to (G0129_REVIEW_OWNER); made on HAPI first,
+# since HAPI refuses a reference to a resource it does not have.
+OWNER = "Organization/e2e-billing-team"
 TEMPLATE = FIXTURES / "01-medicare-php-hospital.json"
 
 
@@ -132,6 +135,7 @@ class Adapter:
             "G0129_WEBHOOK_TOKEN": TOKEN,
             "G0129_DATA_DIR": str(data_dir),
             "G0129_CATCHUP_INTERVAL": "10",
+            "G0129_REVIEW_OWNER": OWNER,
         }
         self.log = data_dir.parent / "adapter.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -187,6 +191,8 @@ def proxy() -> Iterator[Proxy]:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[tuple[Adapter, subprocess.CompletedProcess[str]]]:
     data = tmp_path_factory.mktemp("adapter") / "data"
+    team = {"resourceType": "Organization", "id": OWNER.split("/")[1], "active": True, "name": "Billing office (G0129 review)"}
+    assert fhir.put(f"/{OWNER}", content=orjson.dumps(team)).status_code in (200, 201)
     a = Adapter(data, proxy.base)
     a.start()
     subscribed = g0129(
@@ -332,6 +338,15 @@ def test_session_without_end_time_is_review_and_the_service_keeps_running(adapte
     decision = decision_of(c, f"Encounter/{prefix}-enc")
     assert decision["outcome"] == "review" and "SESSION-TIMES" in decision["rules"]
     assert g0129_lines(c) == []
+    # A person is asked: one Task for the Claim, written with it, for the billing team.
+    tasks = fhir.get("/Task", params={"identifier": f"{TASK_IDENTIFIER_SYSTEM}|Claim/{prefix}-claim"}).json()
+    assert tasks["total"] == 1
+    task = tasks["entry"][0]["resource"]
+    assert (task["status"], task["focus"], task["for"], task["owner"]) == (
+        "requested", {"reference": f"Claim/{prefix}-claim"}, {"reference": f"Patient/{prefix}-pat"}, {"reference": OWNER}
+    )
+    assert [c["code"] for c in task["reasonCode"]["coding"]] == ["SESSION-TIMES"]
+    assert validation_errors(task) == []
     assert a.alive()
 
 
@@ -478,7 +493,7 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
     for path in sorted(FIXTURES.iterdir()):
         if path.suffix in (".json", ".ndjson") and ".expected." not in path.name:
             post_transaction(_fixture_transaction(path))
-    done = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    done = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI, env={"G0129_REVIEW_OWNER": OWNER})
     assert done.returncode == 0, done.stdout + done.stderr
     decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
     for d in decisions:
@@ -496,11 +511,18 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
     written = jsonio.loads(fhir.get("/Claim/php59-claim").content)
     assert int(written["meta"]["versionId"]) >= 2
     assert _ehr_part(written) == _ehr_part(_version("Claim/php59-claim", str(int(written["meta"]["versionId"]) - 1)))
-    again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI, env={"G0129_REVIEW_OWNER": OWNER})
     assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout
     # Everything the adapter wrote here (and in the tests before) is valid against R4 and our
     # published definitions: zero errors from HAPI's validator.
-    written = {rtype: ours(rtype) for rtype in ("Claim", "Provenance")}
+    written = {rtype: ours(rtype) for rtype in ("Claim", "Provenance", "Task")}
     assert len(written["Claim"]) >= len({d["claim"] or d["encounter"] for d in decisions})
     assert len(written["Provenance"]) >= len(written["Claim"])
+    # A review Task for each EHR Claim under review, which the fixtures' load has just put back as
+    # the EHR wrote it (a draft of ours a run against the same HAPI annotated before is unchanged
+    # now, so its Task is what that run wrote: tests/test_parity.py checks drafts' Tasks).
+    for key in {d["claim"] for d in decisions if d["outcome"] == "review" and d["claim"]}:
+        tasks = fhir.get("/Task", params={"identifier": f"{TASK_IDENTIFIER_SYSTEM}|{key}"}).json()
+        assert tasks["total"] == 1, key
+        assert tasks["entry"][0]["resource"]["focus"] == {"reference": key}
     assert [e for resources in written.values() for r in resources for e in validation_errors(r)] == []

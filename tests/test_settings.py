@@ -54,6 +54,7 @@ def test_reads_every_variable() -> None:
             "G0129_DEAD_LETTER_ATTEMPTS": "3",
             "G0129_CATCHUP_INTERVAL": "15",
             "G0129_MAPPINGS_DIR": "/etc/g0129/mappings",
+            "G0129_REVIEW_OWNER": "Organization/billing-team",
         }
     )
 
@@ -75,6 +76,7 @@ def test_reads_every_variable() -> None:
     assert settings.dead_letter_attempts == 3
     assert settings.catchup_interval == 15.0
     assert settings.mappings_dir == Path("/etc/g0129/mappings")
+    assert settings.review_owner == "Organization/billing-team"
 
 
 def test_logs_are_json_at_info_unless_told() -> None:
@@ -142,3 +144,9 @@ def test_http_retry_policy_follows_the_settings() -> None:
 def test_reads_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("G0129_CATCHUP_INTERVAL", "5")
     assert Settings.from_env().catchup_interval == 5.0
+
+
+@pytest.mark.parametrize("value", ["billing-team", "Group/billing", "Organization/", "https://ehr.example/Organization/1", "Organization/a b"])
+def test_the_review_owner_is_a_reference_r4_task_accepts(value: str) -> None:
+    with pytest.raises(UsageError, match="G0129_REVIEW_OWNER must be a reference Type/id"):
+        Settings.from_env({"G0129_REVIEW_OWNER": value})

@@ -1,0 +1,131 @@
+"""The review Task of a Claim: a person's work item for the decisions that ended in `review`.
+
+Pure (no I/O): `review_task` makes the Task from the decisions written onto a Claim and from
+whether the Claim the server held before was under review; `adapter/writeback.py` writes it in
+the same transaction as the Claim, under a conditional update on its identifier, so a Claim has
+one Task whatever the number of re-decisions. The Task follows our profile
+(`conformance/StructureDefinition-g0129-review-task.json`):
+
+- a Claim with a `review` decision: `status` requested, `focus` the Claim, `for` its Patient,
+  `encounter` the first encounter under review, `reasonCode` the rules whose findings asked for
+  review, `input` the findings, the missing data and the proposed lines, `owner` the billing team
+  (`G0129_REVIEW_OWNER`);
+- a Claim that was under review and no longer is: the same Task `cancelled`, its `statusReason`
+  saying what the new decisions are (nobody needs to look any more);
+- otherwise no Task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from .annotate import draft_claim_id
+from .decision import Decision, Line
+from .vocabulary import (
+    ANNOTATED_TAG,
+    DECISION_EXTENSION,
+    REVIEW_TASK_PROFILE,
+    RULE_SYSTEM,
+    TASK_CODE_SYSTEM,
+    TASK_CODES,
+    TASK_IDENTIFIER_SYSTEM,
+    draft_identifier,
+)
+
+__all__ = ["review_task", "task_condition", "task_key", "under_review"]
+
+Resource = dict[str, Any]
+
+_DISPLAY = {code: display for code, display, _ in TASK_CODES}
+
+
+def _coding(code: str) -> Resource:
+    return {"coding": [{"system": TASK_CODE_SYSTEM, "code": code, "display": _DISPLAY[code]}]}
+
+
+def under_review(claim: Resource | None) -> bool:
+    """Whether a Claim carries a decision of ours whose outcome is `review`."""
+    for ext in (claim or {}).get("extension") or ():
+        if isinstance(ext, dict) and ext.get("url") == DECISION_EXTENSION:
+            if any(isinstance(p, dict) and p.get("url") == "outcome" and p.get("valueCode") == "review" for p in ext.get("extension") or ()):
+                return True
+    return False
+
+
+def task_key(claim_key: str, claim: Resource) -> str:
+    """The Task identifier's value: the Claim's key, and for a draft of ours the key it has
+    before the server names it (`Claim/g0129-<encounter id>`), the same on every run."""
+    draft = draft_identifier(claim)
+    return f"Claim/{draft_claim_id(draft)}" if draft else claim_key
+
+
+def task_condition(key: str) -> str:
+    """The conditional-update URL of the Task of `task_key` (`Task?identifier=system|key`)."""
+    return f"Task?identifier={quote(f'{TASK_IDENTIFIER_SYSTEM}|{key}', safe=':/|')}"
+
+
+def _line_text(line: Line, encounter: str) -> str:
+    modifiers = f", modifiers {' '.join(line.modifiers)}" if line.modifiers else ""
+    return f"{line.code} x {line.units} on {line.service_date}, revenue code {line.revenue_code}{modifiers} ({encounter})"
+
+
+def _inputs(decisions: Sequence[Decision]) -> list[Resource]:
+    inputs: list[Resource] = []
+    for d in decisions:
+        inputs += [
+            {"type": _coding("finding"), "valueString": f"{f.rule} ({f.severity}): {f.message} [{f.subject}]"} for f in d.findings
+        ]
+        inputs += [{"type": _coding("missing-data"), "valueString": f"{m} ({d.encounter})"} for m in d.missing_data]
+        inputs += [{"type": _coding("proposed-line"), "valueString": _line_text(line, d.encounter)} for line in d.lines]
+    return inputs
+
+
+def review_task(
+    key: str,
+    focus: str,
+    claim: Resource,
+    decisions: Sequence[Decision],
+    was_under_review: bool,
+    owner: str | None,
+    now: str,
+) -> Resource | None:
+    """The Task (identifier `key`, see `task_key`) to write beside an annotated Claim `claim`,
+    referred to as `focus` (`Claim/<id>`, or the fullUrl of a draft created in the same
+    transaction), or None when the Claim neither is nor was under review. `now` is the Task's
+    lastModified."""
+    review = [d for d in decisions if d.outcome == "review"]
+    if not review and not was_under_review:
+        return None
+    patient = claim.get("patient")
+    task: Resource = {
+        "resourceType": "Task",
+        "meta": {"profile": [REVIEW_TASK_PROFILE], "tag": [dict(ANNOTATED_TAG)]},
+        "identifier": [{"system": TASK_IDENTIFIER_SYSTEM, "value": key}],
+        "status": "requested" if review else "cancelled",
+    }
+    if not review:
+        outcomes = "; ".join(f"{d.outcome} for {d.encounter}" for d in decisions)
+        task["statusReason"] = {"text": f"A later decision no longer needs review: {outcomes} (ruleset {decisions[0].ruleset_version})."}
+    task |= {
+        "intent": "order",
+        "priority": "routine",
+        "code": _coding("review"),
+        "description": f"Review the G0129 decision for {key}: approve to bill the proposed lines, reject not to bill G0129.",
+        "focus": {"reference": focus},
+        "for": dict(patient) if isinstance(patient, dict) else {"display": "Patient not recorded"},
+    }
+    if review:
+        task["encounter"] = {"reference": review[0].encounter}
+    task["lastModified"] = now
+    if owner:
+        task["owner"] = {"reference": owner}
+    if review:
+        rules = dict.fromkeys(f.rule for d in review for f in d.findings if f.severity == "review")
+        task["reasonCode"] = {
+            "coding": [{"system": RULE_SYSTEM, "code": rule} for rule in rules],
+            "text": f"Review asked by {', '.join(rules)}",
+        }
+        task["input"] = _inputs(review)
+    return task

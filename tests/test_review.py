@@ -1,0 +1,118 @@
+"""The review Task: one per Claim under review, written with the Claim, cancelled once a later
+decision no longer needs review. Golden Tasks beside the fixtures (`*.expected.task.json`,
+made by `python3 -m tests.golden`); the worker against the in-memory FHIR server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapter import jsonio
+from adapter.annotate import draft_claim_id
+from adapter.fhir_client import FHIRClient
+from adapter.fhir_models import validate
+from adapter.metrics import Metrics
+from adapter.queue import JobQueue
+from adapter.retry import RetryPolicy
+from adapter.review import task_condition, task_key
+from adapter.ruleset import RuleSet
+from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM, TASK_IDENTIFIER_SYSTEM
+from adapter.worker import Worker
+
+from .conftest import FIXTURES, SCENARIO_DIRS
+from .fakefhir import FakeFHIR
+from .golden import TASK_OWNER, task_path, tasks_by_fixture
+
+BASE = "http://fhir.test/fhir"
+SCENARIOS = sorted(p for d in SCENARIO_DIRS for p in d.iterdir() if p.suffix in (".json", ".ndjson") and ".expected." not in p.name)
+
+
+@pytest.fixture(scope="module")
+def made() -> dict[Path, list[dict[str, Any]]]:
+    return tasks_by_fixture()
+
+
+@pytest.mark.parametrize("fixture", SCENARIOS, ids=lambda p: p.name.split(".")[0])
+def test_the_golden_task_file_is_what_the_code_makes(fixture: Path, made: dict[Path, list[dict[str, Any]]]) -> None:
+    tasks = made.get(fixture.resolve())
+    golden = task_path(fixture)
+    if tasks is None:
+        assert not golden.exists(), "no Claim of this scenario is under review: run python3 -m tests.golden"
+        return
+    bundle = jsonio.loads(golden.read_bytes())
+    assert [e["resource"] for e in bundle["entry"]] == tasks, "run: python3 -m tests.golden and review the diff"
+    for task in tasks:
+        validate(task, str(golden))
+
+
+def test_about_a_quarter_of_the_scenarios_ask_for_review(made: dict[Path, list[dict[str, Any]]]) -> None:
+    assert len(made) >= 13
+    assert all(t["status"] == "requested" and t["input"] and t["reasonCode"]["coding"] for ts in made.values() for t in ts)
+
+
+def test_a_draft_keeps_its_task_identifier_once_the_server_names_it() -> None:
+    draft = {"resourceType": "Claim", "identifier": [{"system": DRAFT_IDENTIFIER_SYSTEM, "value": "Encounter/e1"}]}
+    assert task_key("Claim/1234", draft) == task_key(f"Claim/{draft_claim_id('Encounter/e1')}", draft) == "Claim/g0129-e1"
+    assert task_key("Claim/c1", {"resourceType": "Claim"}) == "Claim/c1"
+    assert task_condition("Claim/c1") == f"Task?identifier={TASK_IDENTIFIER_SYSTEM}|Claim/c1"
+
+
+# -- through the worker ----------------------------------------------------------------------------
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture
+def worker(tmp_path: Path, ruleset: RuleSet) -> Iterator[tuple[Worker, FakeFHIR]]:
+    fake = FakeFHIR(BASE)
+    queue = JobQueue(tmp_path / "queue.sqlite3")
+    client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=2), sleep=_no_sleep, transport=httpx.MockTransport(fake))
+    yield Worker(queue, client, ruleset, Metrics(queue.counts), review_owner=TASK_OWNER), fake
+    asyncio.run(client.aclose())
+    queue.close()
+
+
+def _transactions(fake: FakeFHIR) -> list[list[str]]:
+    bodies = [jsonio.loads(r.content) for r in fake.requests if r.method == "POST" and r.content]
+    return [[e["resource"]["resourceType"] for e in b["entry"]] for b in bodies if b.get("type") == "transaction"]
+
+
+def test_a_claim_no_longer_under_review_has_its_task_cancelled(worker: tuple[Worker, FakeFHIR]) -> None:
+    w, fake = worker
+    fake.load_file(FIXTURES / "11-session-without-end.json")
+    asyncio.run(w.sync(["php11-enc"]))
+    [task] = fake.all("Task")
+    assert task["status"] == "requested" and task["focus"] == {"reference": "Claim/php11-claim"}
+    assert _transactions(fake) == [["Claim", "Task", "Provenance"]]
+
+    # The therapist records the end of the session: the day is billed, nobody needs to look.
+    session = jsonio.copy(fake.current("Procedure", "php11-ot1"))
+    session["performedPeriod"]["end"] = "2025-02-11T09:50:00-05:00"
+    fake.put(session)
+    asyncio.run(w.sync(["php11-enc"]))
+    [cancelled] = fake.all("Task")
+    assert (cancelled["id"], cancelled["meta"]["versionId"]) == (task["id"], "2"), "the same Task, updated"
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["statusReason"]["text"].startswith("A later decision no longer needs review: bill for Encounter/php11-enc")
+    assert "input" not in cancelled and "reasonCode" not in cancelled
+    assert cancelled["owner"] == {"reference": TASK_OWNER}
+    validate(cancelled, "cancelled Task")
+    assert _transactions(fake)[-1] == ["Claim", "Task", "Provenance"]
+
+    # Nothing changes: nothing is written, the Task stays as it is.
+    asyncio.run(w.sync(["php11-enc"]))
+    assert len(_transactions(fake)) == 2 and len(fake.all("Task")) == 1
+
+
+def test_a_claim_never_under_review_gets_no_task(worker: tuple[Worker, FakeFHIR]) -> None:
+    w, fake = worker
+    fake.load_file(FIXTURES / "01-medicare-php-hospital.json")
+    asyncio.run(w.sync(["php01-enc"]))
+    assert fake.all("Task") == [] and _transactions(fake) == [["Claim", "Provenance"]]
