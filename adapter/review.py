@@ -11,7 +11,8 @@ one Task whatever the number of re-decisions. The Task follows our profile
   review, `input` the findings, the missing data and the proposed lines, `owner` the billing team
   (`G0129_REVIEW_OWNER`);
 - a Claim that was under review and no longer is: the same Task `cancelled`, its `statusReason`
-  saying what the new decisions are (nobody needs to look any more);
+  saying what the new decisions are (nobody needs to look any more), unless a person answered it:
+  then it stays as that person left it (completed, with the answer the decisions now follow);
 - otherwise no Task.
 """
 
@@ -88,15 +89,18 @@ def review_task(
     claim: Resource,
     decisions: Sequence[Decision],
     was_under_review: bool,
+    answered: frozenset[str] | None,
     owner: str | None,
     now: str,
 ) -> Resource | None:
     """The Task (identifier `key`, see `task_key`) to write beside an annotated Claim `claim`,
     referred to as `focus` (`Claim/<id>`, or the fullUrl of a draft created in the same
-    transaction), or None when the Claim neither is nor was under review. `now` is the Task's
-    lastModified."""
+    transaction), or None when the Claim neither is nor was under review, or no longer is because
+    a person answered its Task (`answered`: the rules that Task asked about, None when nobody
+    answered). A question the answer did not cover asks again, with the answered ones (an
+    approval settles only the whole question it was given). `now` is the Task's lastModified."""
     review = [d for d in decisions if d.outcome == "review"]
-    if not review and not was_under_review:
+    if not review and (answered is not None or not was_under_review):
         return None
     patient = claim.get("patient")
     task: Resource = {
@@ -122,7 +126,8 @@ def review_task(
     if owner:
         task["owner"] = {"reference": owner}
     if review:
-        rules = dict.fromkeys(f.rule for d in review for f in d.findings if f.severity == "review")
+        asked = answered or frozenset()
+        rules = dict.fromkeys(f.rule for d in review for f in d.findings if f.severity == "review" or f.rule in asked)
         task["reasonCode"] = {
             "coding": [{"system": RULE_SYSTEM, "code": rule} for rule in rules],
             "text": f"Review asked by {', '.join(rules)}",

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 RESOURCE = "resource"  # job kind: look at this resource (version)
 CHECKPOINT = "lastUpdated"
-WATCHED = ("Encounter", "Procedure", "Claim")
+WATCHED = ("Encounter", "Procedure", "Claim", "Task")
 DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.

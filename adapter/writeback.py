@@ -90,8 +90,9 @@ def _version() -> str:
 
 def provenance(target: str, claim: AnnotatedClaim, activity: str) -> dict[str, Any]:
     """The one Provenance recipe for every write: the Claim version written, what the decisions
-    were made from (version-specific), the adapter as a Device with its version, coded activity
-    and reason."""
+    were made from (version-specific; a review Task a person answered among them), the adapter
+    as a Device with its version and the person who answered as verifier, coded activity and
+    reason."""
     return {
         "resourceType": "Provenance",
         "meta": {"tag": [dict(ANNOTATED_TAG)]},
@@ -116,10 +117,24 @@ def provenance(target: str, claim: AnnotatedClaim, activity: str) -> dict[str, A
             {
                 "type": {"coding": [{"system": _PARTICIPANT_TYPE, "code": "assembler"}]},
                 "who": {"reference": "#adapter", "display": AGENT},
-            }
+            },
+            # Whoever answered a review Task the decisions follow (its Task is among the entities).
+            *(
+                {"type": {"coding": [{"system": _PARTICIPANT_TYPE, "code": "verifier"}]}, "who": who}
+                for who in _answerers(claim)
+            ),
         ],
         "entity": [{"role": "source", "what": {"reference": ref}} for ref in claim.entities()],
     }
+
+
+def _answerers(claim: AnnotatedClaim) -> list[dict[str, Any]]:
+    people: list[dict[str, Any]] = []
+    for case in claim.cases:
+        answer = case.review_answer
+        if answer is not None and answer.by and answer.by not in people:
+            people.append(dict(answer.by))
+    return people
 
 
 def _next_version(version: str | None) -> str | None:
@@ -201,7 +216,9 @@ class Writer:
             target, activity, expected, focus = f"{name}/_history/1", "CREATE", "1", name
         writes: list[dict[str, Any]] = [claim_entry]
         key = task_key(claim.key, annotated)
-        task = review_task(key, focus, annotated, decisions, under_review(current), self.review_owner, _now())
+        answers = [case.review_answer.rules for case in claim.cases if case.review_answer is not None]
+        answered = frozenset().union(*answers) if answers else None
+        task = review_task(key, focus, annotated, decisions, under_review(current), answered, self.review_owner, _now())
         if task is not None:
             # A conditional update on the Task's identifier: created the first time, updated after.
             writes.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": task, "request": {"method": "PUT", "url": task_condition(key)}})

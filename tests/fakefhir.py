@@ -26,7 +26,7 @@ Resource = dict[str, Any]
 # search parameter -> the paths of the reference it searches
 REFERENCE_PARAMS: dict[str, tuple[str, ...]] = {
     "subject": ("subject",),
-    "patient": ("subject", "patient", "beneficiary"),
+    "patient": ("subject", "patient", "beneficiary", "for"),
     "beneficiary": ("beneficiary",),
     "encounter": ("encounter", "context.encounter", "item.encounter"),
     "episode-of-care": ("episodeOfCare",),
@@ -208,6 +208,9 @@ class FakeFHIR:
                 elif name == "_tag:not":
                     system, _, code = value.partition("|")
                     ok = not any(t.get("system") == system and t.get("code") == code for t in resource["meta"].get("tag", []))
+                elif name == "code":  # a token: system|code
+                    system, _, code = value.partition("|")
+                    ok = any(c.get("system") == system and c.get("code") == code for c in (resource.get("code") or {}).get("coding", []))
                 elif name == "identifier":
                     system, _, code = value.partition("|")
                     ok = any(i.get("system") == system and i.get("value") == code for i in resource.get("identifier", []))

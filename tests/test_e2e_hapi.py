@@ -202,7 +202,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[
     yield a, subscribed
     a.stop()
     # A Subscription left pointing at a closed port fills HAPI's log with failed deliveries.
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         fhir.delete(f"/Subscription/g0129-{rtype}")
 
 
@@ -269,13 +269,13 @@ def g0129_lines(c: dict[str, Any]) -> list[dict[str, Any]]:
 def test_subscribe_makes_active_subscriptions(adapter: tuple[Adapter, Any]) -> None:
     _, subscribed = adapter
     assert subscribed.returncode == 0, subscribed.stdout + subscribed.stderr
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         sub = fhir.get(f"/Subscription/g0129-{rtype}").json()
         assert sub["status"] == "active"
         assert sub["channel"]["header"] == [f"Authorization: Bearer {TOKEN}"]
     again = g0129("subscribe", "--endpoint", f"{adapter[0].url}/notify", "--fhir-base", HAPI, "--wait", "30",
                   env={"G0129_WEBHOOK_TOKEN": TOKEN})
-    assert again.stdout.count(": unchanged, active") == 3
+    assert again.stdout.count(": unchanged, active") == 4
 
 
 def test_php_day_is_annotated_once_and_does_not_loop(adapter: tuple[Adapter, Any]) -> None:
@@ -348,6 +348,43 @@ def test_session_without_end_time_is_review_and_the_service_keeps_running(adapte
     assert [c["code"] for c in task["reasonCode"]["coding"]] == ["SESSION-TIMES"]
     assert validation_errors(task) == []
     assert a.alive()
+
+
+def test_a_biller_approves_a_review_and_the_claim_is_billed(adapter: tuple[Adapter, Any]) -> None:
+    def coverage_ended(r: dict[str, dict[str, Any]]) -> None:
+        r["cov"]["period"] = {"start": "2024-01-01", "end": "2025-02-28"}  # before the session
+
+    prefix, bundle = php_day(coverage_ended)
+    post_transaction(bundle)
+    c = wait_annotated(prefix)
+    assert decision_of(c, f"Encounter/{prefix}-enc")["outcome"] == "review" and g0129_lines(c) == []
+    search = {"identifier": f"{TASK_IDENTIFIER_SYSTEM}|Claim/{prefix}-claim"}
+    task = fhir.get("/Task", params=search).json()["entry"][0]["resource"]
+    assert task["status"] == "requested" and [c["code"] for c in task["reasonCode"]["coding"]] == ["COVERAGE"]
+
+    # A biller approves it on the FHIR server, as an EHR's worklist would: HAPI notifies us.
+    biller = {"resourceType": "Practitioner", "id": f"{prefix}-biller", "name": [{"family": "Biller", "given": ["Dana"]}]}
+    assert fhir.put(f"/Practitioner/{prefix}-biller", content=orjson.dumps(biller)).status_code == 201
+    answer = {"system": "https://g0129-adapter.org/fhir/CodeSystem/task-codes"}
+    task |= {
+        "status": "completed",
+        "owner": {"reference": f"Practitioner/{prefix}-biller", "display": "Dana Biller"},
+        "executionPeriod": {"end": "2026-11-28T10:00:00Z"},
+        "output": [{"type": {"coding": [answer | {"code": "answer"}]}, "valueCodeableConcept": {"coding": [answer | {"code": "approve"}]}}],
+    }
+    r = fhir.put(f"/Task/{task['id']}", content=orjson.dumps(task))
+    assert r.status_code == 200, r.text
+    c = wait_for("the approved Claim billed", lambda: (lambda c: c if g0129_lines(c) else None)(claim(prefix)), 60)
+    decision = decision_of(c, f"Encounter/{prefix}-enc")
+    assert decision["outcome"] == "bill" and "REVIEW" in decision["rules"]
+    assert [(l["quantity"]["value"], l["servicedDate"]) for l in g0129_lines(c)] == [(1, "2025-03-04")]
+    time.sleep(5)  # any echo of our write
+    done = fhir.get(f"/Task/{task['id']}").json()
+    assert (done["status"], done["meta"]["versionId"]) == ("completed", "2"), "the biller's Task was left as it was"
+    provenance = fhir.get("/Provenance", params={"target": f"Claim/{prefix}-claim", "_sort": "-_lastUpdated"}).json()["entry"][0]["resource"]
+    assert f"Task/{task['id']}/_history/2" in [e["what"]["reference"] for e in provenance["entity"]]
+    assert {"reference": f"Practitioner/{prefix}-biller", "display": "Dana Biller"} in [a["who"] for a in provenance["agent"]]
+    assert [e for r in (c, done, provenance) for e in validation_errors(r)] == []
 
 
 def test_catch_up_after_downtime_processes_every_encounter_once(adapter: tuple[Adapter, Any]) -> None:
@@ -487,7 +524,7 @@ def test_the_sidecar_writes_what_replay_writes_once_per_claim(adapter: tuple[Ada
 def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -> None:
     a, _ = adapter
     a.stop()  # replay alone writes here: no notification-driven annotation on the side
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         fhir.delete(f"/Subscription/g0129-{rtype}")
     # fixtures/ holds valid input only (HAPI would refuse fixtures-invalid/, as any FHIR server would).
     for path in sorted(FIXTURES.iterdir()):

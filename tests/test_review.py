@@ -21,7 +21,7 @@ from adapter.queue import JobQueue
 from adapter.retry import RetryPolicy
 from adapter.review import task_condition, task_key
 from adapter.ruleset import RuleSet
-from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM, TASK_IDENTIFIER_SYSTEM
+from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, LINE_EXTENSION, TASK_CODE_SYSTEM, TASK_IDENTIFIER_SYSTEM
 from adapter.worker import Worker
 
 from .conftest import FIXTURES, SCENARIO_DIRS
@@ -116,3 +116,106 @@ def test_a_claim_never_under_review_gets_no_task(worker: tuple[Worker, FakeFHIR]
     fake.load_file(FIXTURES / "01-medicare-php-hospital.json")
     asyncio.run(w.sync(["php01-enc"]))
     assert fake.all("Task") == [] and _transactions(fake) == [["Claim", "Provenance"]]
+
+
+# -- a person's answer ---------------------------------------------------------------------------
+
+BILLER = {"reference": "Practitioner/biller-1", "display": "Dana Biller"}
+
+
+def _answer(fake: FakeFHIR, answer: str, when: str = "2026-01-05T10:00:00Z") -> dict[str, Any]:
+    """The biller completes the Task on the server, as an EHR's worklist would."""
+    [task] = fake.all("Task")
+    done = jsonio.copy(task) | {
+        "status": "completed",
+        "owner": BILLER,
+        "executionPeriod": {"end": when},
+        "output": [
+            {
+                "type": {"coding": [{"system": TASK_CODE_SYSTEM, "code": "answer"}]},
+                "valueCodeableConcept": {"coding": [{"system": TASK_CODE_SYSTEM, "code": answer}]},
+            }
+        ],
+    }
+    return fake.put(done)
+
+
+def _decision(claim: dict[str, Any]) -> dict[str, Any]:
+    [ext] = [e for e in claim["extension"] if e["url"] == DECISION_EXTENSION]
+    return {"outcome": next(p["valueCode"] for p in ext["extension"] if p["url"] == "outcome"),
+            "rules": [p["valueCode"] for p in ext["extension"] if p["url"] == "rule"]}
+
+
+def test_an_approved_review_bills_the_proposed_lines_and_says_who_approved(worker: tuple[Worker, FakeFHIR]) -> None:
+    w, fake = worker
+    fake.load_file(FIXTURES / "53-medicare-advantage-php.json")
+    [encounter] = [e["id"] for e in fake.all("Encounter")]
+    [result] = asyncio.run(w.sync([encounter]))
+    assert result.decisions[0].outcome == "review" and result.decisions[0].lines
+    proposed = result.decisions[0].lines
+    answered = _answer(fake, "approve")
+
+    [result] = asyncio.run(w.sync([encounter]))
+    [decision] = result.decisions
+    assert decision.outcome == "bill" and decision.lines == proposed
+    [approval] = [f for f in decision.findings if f.rule == "REVIEW"]
+    assert (approval.severity, approval.subject) == ("info", f"Task/{answered['id']}/_history/2")
+    assert approval.message == "Approved by Dana Biller on 2026-01-05T10:00:00Z (the questions of PAYER): the proposed lines are billed."
+    assert [f.severity for f in decision.findings if f.rule == "PAYER"] == ["warning"], "the question stays, answered"
+    claim = fake.current("Claim", result.claim.split("/")[1])
+    assert claim is not None and _decision(claim)["outcome"] == "bill"
+    assert [i["servicedDate"] for i in claim["item"] if any(e["url"] == LINE_EXTENSION for e in i.get("extension", []))] == [
+        line.service_date for line in proposed
+    ]
+    # The Task stays as the biller left it; the Provenance names it and the biller.
+    assert fake.current("Task", answered["id"]) == answered
+    provenance = fake.all("Provenance")[-1]
+    assert f"Task/{answered['id']}/_history/2" in [e["what"]["reference"] for e in provenance["entity"]]
+    assert {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "verifier"}]}, "who": BILLER} in provenance["agent"]
+    validate(provenance, "provenance")
+    assert _transactions(fake)[-1] == ["Claim", "Provenance"]
+
+
+def test_a_rejected_review_is_not_billed(worker: tuple[Worker, FakeFHIR]) -> None:
+    w, fake = worker
+    fake.load_file(FIXTURES / "53-medicare-advantage-php.json")
+    [encounter] = [e["id"] for e in fake.all("Encounter")]
+    asyncio.run(w.sync([encounter]))
+    _answer(fake, "reject")
+    [result] = asyncio.run(w.sync([encounter]))
+    [decision] = result.decisions
+    assert decision.outcome == "do-not-bill" and decision.lines == ()
+    assert [(f.severity, f.message) for f in decision.findings if f.rule == "REVIEW"] == [
+        ("error", "Rejected by Dana Biller on 2026-01-05T10:00:00Z: G0129 is not billed.")
+    ]
+    assert fake.all("Task")[0]["status"] == "completed"
+
+
+def test_an_approval_answers_only_the_questions_its_task_asked(worker: tuple[Worker, FakeFHIR]) -> None:
+    w, fake = worker
+    fake.load_file(FIXTURES / "53-medicare-advantage-php.json")
+    [encounter] = [e["id"] for e in fake.all("Encounter")]
+    asyncio.run(w.sync([encounter]))
+    answered = _answer(fake, "approve")
+    # Then a session loses its end time: a question the biller was never asked.
+    [session] = [p for p in fake.all("Procedure") if (p.get("performedPeriod") or {}).get("end")][:1]
+    changed = jsonio.copy(session)
+    del changed["performedPeriod"]["end"]
+    fake.put(changed)
+    [result] = asyncio.run(w.sync([encounter]))
+    [decision] = result.decisions
+    assert decision.outcome == "review"
+    assert {f.rule for f in decision.findings if f.severity == "review"} == {"SESSION-TIMES"}
+    # The Task asks again, the new question with the one answered (an approval covers only the
+    # whole question it was given).
+    [task] = fake.all("Task")
+    assert task["id"] == answered["id"] and task["status"] == "requested"
+    assert [c["code"] for c in task["reasonCode"]["coding"]] == ["SESSION-TIMES", "PAYER"]
+    # The next decision no longer has the answer the Task carried (the Claim drops its REVIEW
+    # finding); then it is stable.
+    [again] = asyncio.run(w.sync([encounter]))
+    assert again.result == "updated" and "REVIEW" not in _decision(fake.current("Claim", result.claim.split("/")[1]) or {})["rules"]
+    assert fake.all("Task")[0]["reasonCode"] == task["reasonCode"]
+    writes = len(_transactions(fake))
+    [last] = asyncio.run(w.sync([encounter]))
+    assert last.result == "unchanged" and len(_transactions(fake)) == writes
