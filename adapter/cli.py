@@ -49,6 +49,7 @@ from .pipeline import RunResult, evaluate
 from .queue import JobQueue
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
 from .settings import Settings
+from .review import REVIEW_COLUMNS, review_rows
 from .sinks import DirectorySink, error_record
 from .subscribe import SubscriptionResult, subscribe
 from .writeback import Writer, push_claims
@@ -231,6 +232,7 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
             sink.write("claims", claim.resource)
         for error in errors:
             sink.write("errors", error_record(error))
+        sink.write_csv("review", REVIEW_COLUMNS, review_rows(result.claims))
     _report_errors(errors, stderr)
     decided = len(result.decisions)
     stdout.write(f"g0129 replay: {nfiles} file(s), {len(index)} resource(s) -> {args.out}/\n")

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from .annotate import draft_claim_id
 from .decision import Decision, Line
+from .pipeline import AnnotatedClaim
 from .vocabulary import (
     ANNOTATED_TAG,
     DECISION_EXTENSION,
@@ -35,7 +36,7 @@ from .vocabulary import (
     draft_identifier,
 )
 
-__all__ = ["review_task", "task_condition", "task_key", "under_review"]
+__all__ = ["REVIEW_COLUMNS", "review_rows", "review_task", "task_condition", "task_key", "under_review"]
 
 Resource = dict[str, Any]
 
@@ -134,3 +135,48 @@ def review_task(
         }
         task["input"] = _inputs(review)
     return task
+
+
+# review.csv: one row per decision under review, the columns a biller sorts and filters by first.
+REVIEW_COLUMNS = (
+    "service_date",
+    "payer",
+    "payer_name",
+    "program",
+    "rules",
+    "missing_data",
+    "proposed_units",
+    "claim",
+    "encounter",
+    "patient",
+    "findings",
+)
+
+
+def review_rows(claims: Sequence[AnnotatedClaim]) -> list[dict[str, str]]:
+    """The review items of a run (each decision whose outcome is `review`), as rows of
+    REVIEW_COLUMNS, by service date, payer, Claim and encounter. `rules` are the rules that asked
+    for review (space-separated), `findings` their messages (` | `), `missing_data` `; `."""
+    rows = []
+    for claim in claims:
+        for decision, case in zip(claim.decisions, claim.cases):
+            if decision.outcome != "review":
+                continue
+            asking = [f for f in decision.findings if f.severity == "review"]
+            dates = sorted(line.service_date for line in decision.lines)
+            rows.append(
+                {
+                    "service_date": case.encounter_date or (dates[0] if dates else ""),
+                    "payer": decision.payer,
+                    "payer_name": case.payer_name or "",
+                    "program": decision.program or "",
+                    "rules": " ".join(dict.fromkeys(f.rule for f in asking)),
+                    "missing_data": "; ".join(decision.missing_data),
+                    "proposed_units": str(sum(line.units for line in decision.lines)),
+                    "claim": claim.key,
+                    "encounter": decision.encounter,
+                    "patient": case.patient or "",
+                    "findings": " | ".join(f.message for f in asking),
+                }
+            )
+    return sorted(rows, key=lambda r: (r["service_date"], r["payer"], r["claim"], r["encounter"]))

@@ -1,15 +1,19 @@
 """The review Task: one per Claim under review, written with the Claim, cancelled once a later
-decision no longer needs review. Golden Tasks beside the fixtures (`*.expected.task.json`,
-made by `python3 -m tests.golden`); the worker against the in-memory FHIR server."""
+decision no longer needs review, answered by a person. Golden Tasks beside the fixtures
+(`*.expected.task.json`, made by `python3 -m tests.golden`); the worker against the in-memory
+FHIR server; replay's review.csv."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from adapter import jsonio
@@ -19,7 +23,7 @@ from adapter.fhir_models import validate
 from adapter.metrics import Metrics
 from adapter.queue import JobQueue
 from adapter.retry import RetryPolicy
-from adapter.review import task_condition, task_key
+from adapter.review import REVIEW_COLUMNS, task_condition, task_key
 from adapter.ruleset import RuleSet
 from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, LINE_EXTENSION, TASK_CODE_SYSTEM, TASK_IDENTIFIER_SYSTEM
 from adapter.worker import Worker
@@ -219,3 +223,41 @@ def test_an_approval_answers_only_the_questions_its_task_asked(worker: tuple[Wor
     writes = len(_transactions(fake))
     [last] = asyncio.run(w.sync([encounter]))
     assert last.result == "unchanged" and len(_transactions(fake)) == writes
+
+
+# -- review.csv ------------------------------------------------------------------------------------
+
+
+def test_replay_writes_a_review_row_per_decision_under_review(tmp_path: Path) -> None:
+    from adapter.cli import main
+
+    assert main(["replay", str(FIXTURES), "--out", str(tmp_path)], stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
+    text = (tmp_path / "review.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert text.splitlines()[0] == ",".join(REVIEW_COLUMNS)
+    assert sorted(r["encounter"] for r in rows) == sorted(d["encounter"] for d in decisions if d["outcome"] == "review")
+    assert [r["service_date"] for r in rows] == sorted(r["service_date"] for r in rows) and all(r["service_date"] for r in rows)
+    assert next(r for r in rows if r["encounter"] == "Encounter/php53-enc") == {
+        "service_date": "2025-04-08",
+        "payer": "medicare-advantage",
+        "payer_name": "Aetna Health Inc.",
+        "program": "PHP",
+        "rules": "PAYER",
+        "missing_data": "",
+        "proposed_units": "1",
+        "claim": "Claim/php53-claim",
+        "encounter": "Encounter/php53-enc",
+        "patient": "Patient/php53-pat",
+        "findings": "Medicare Advantage plan (policy not identified): payer policy data not available for G0129 in PHP.",
+    }
+    without_end = next(r for r in rows if r["encounter"] == "Encounter/php11-enc")
+    assert (without_end["rules"], without_end["proposed_units"]) == ("SESSION-TIMES", "0")
+    assert without_end["missing_data"] == "session_times:Procedure/php11-ot1; session_times"
+
+
+def test_a_run_with_nothing_under_review_writes_the_header_alone(tmp_path: Path) -> None:
+    from adapter.cli import main
+
+    assert main(["replay", str(FIXTURES / "01-medicare-php-hospital.json"), "--out", str(tmp_path)], stdout=io.StringIO(), stderr=io.StringIO()) == 0
+    assert (tmp_path / "review.csv").read_bytes() == (",".join(REVIEW_COLUMNS) + "\r\n").encode()
