@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .annotate import draft_claim_id
+from .case import Case
 from .decision import Decision, Line
 from .pipeline import AnnotatedClaim
 from .vocabulary import (
@@ -73,9 +74,16 @@ def _line_text(line: Line, encounter: str) -> str:
     return f"{line.code} x {line.units} on {line.service_date}, revenue code {line.revenue_code}{modifiers} ({encounter})"
 
 
-def _inputs(decisions: Sequence[Decision]) -> list[Resource]:
+def _inputs(decisions: Sequence[Decision], cases: Sequence[Case]) -> list[Resource]:
     inputs: list[Resource] = []
+    dates = {c.encounter: c.encounter_date for c in cases}
+    names = {c.encounter: c.payer_name for c in cases}
     for d in decisions:
+        # What a worklist sorts and filters by first: the date and the payer of each day.
+        if dates.get(d.encounter):
+            inputs.append({"type": _coding("service-date"), "valueDate": dates[d.encounter]})
+        name = names.get(d.encounter)
+        inputs.append({"type": _coding("payer"), "valueString": f"{d.payer} ({name})" if name else d.payer})
         inputs += [
             {"type": _coding("finding"), "valueString": f"{f.rule} ({f.severity}): {f.message} [{f.subject}]"} for f in d.findings
         ]
@@ -89,6 +97,7 @@ def review_task(
     focus: str,
     claim: Resource,
     decisions: Sequence[Decision],
+    cases: Sequence[Case],
     was_under_review: bool,
     answered: frozenset[str] | None,
     owner: str | None,
@@ -133,7 +142,7 @@ def review_task(
             "coding": [{"system": RULE_SYSTEM, "code": rule} for rule in rules],
             "text": f"Review asked by {', '.join(rules)}",
         }
-        task["input"] = _inputs(review)
+        task["input"] = _inputs(review, cases)
     return task
 
 

@@ -73,6 +73,8 @@ TASK_CODES = (
     ("finding", "Finding", "Input: a finding of the decision (rule, severity, message, subject)."),
     ("missing-data", "Missing data", "Input: what the rules looked for and did not find."),
     ("proposed-line", "Proposed line", "Input: a G0129 line the decision proposes (code, units, date, revenue code)."),
+    ("service-date", "Service date", "Input: the date of the encounter under review."),
+    ("payer", "Payer", "Input: the payer billed, as the rules matched it (policy key, then the name on file)."),
     ("answer", "Answer", "Output: the person's answer, approve or reject."),
     ("approve", "Approve", "Answer: bill the proposed lines."),
     ("reject", "Reject", "Answer: do not bill G0129 for this Claim's encounters under review."),

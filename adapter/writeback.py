@@ -218,7 +218,7 @@ class Writer:
         key = task_key(claim.key, annotated)
         answers = [case.review_answer.rules for case in claim.cases if case.review_answer is not None]
         answered = frozenset().union(*answers) if answers else None
-        task = review_task(key, focus, annotated, decisions, under_review(current), answered, self.review_owner, _now())
+        task = review_task(key, focus, annotated, decisions, claim.cases, under_review(current), answered, self.review_owner, _now())
         if task is not None:
             # A conditional update on the Task's identifier: created the first time, updated after.
             writes.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": task, "request": {"method": "PUT", "url": task_condition(key)}})

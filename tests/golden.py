@@ -61,7 +61,7 @@ def tasks_by_fixture() -> dict[Path, list[dict[str, Any]]]:
     out: dict[Path, list[dict[str, Any]]] = {}
     for path, claims in _annotated_by_fixture().items():
         tasks = [
-            review_task(task_key(c.key, c.resource), c.key, c.resource, c.decisions, False, None, TASK_OWNER, TASK_TIME) for c in claims
+            review_task(task_key(c.key, c.resource), c.key, c.resource, c.decisions, c.cases, False, None, TASK_OWNER, TASK_TIME) for c in claims
         ]
         if made := [t for t in tasks if t is not None]:
             out[path] = made
