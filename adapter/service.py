@@ -52,6 +52,7 @@ from .queue import JobQueue, NewJob
 from .retry import RetryPolicy
 from .ruleset import RuleSet, load_ruleset
 from .settings import Settings
+from .ui import review_router
 from .worker import CATCH_UP, RESOURCE, WATCHED, Worker
 
 __all__ = ["FHIR_JSON", "FHIRResponse", "create_app", "evaluation_bundle", "operation_outcome"]
@@ -164,6 +165,13 @@ def create_app(
         redoc_url=None,
     )
     app.state.queue, app.state.worker, app.state.metrics = queue, worker, metrics
+
+    async def answered(task_id: str, version: str) -> None:
+        # The Subscription will tell us too; deciding now does not wait for it.
+        if await asyncio.to_thread(queue.enqueue, RESOURCE, "Task", task_id, version, None, "review-page"):
+            worker.wake.set()
+
+    app.include_router(review_router(settings, client, answered, clock))
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:

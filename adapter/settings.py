@@ -93,6 +93,10 @@ class Settings:
     log_level: LogLevel = "info"
     # `Type/id` of the billing team the review Tasks are assigned to (Task.owner); None: unassigned.
     review_owner: str | None = None
+    # The review page (GET /review) is off unless one of these is set: its own secret, or the
+    # header a trusted proxy in front of us sets to the signed-in person's name.
+    ui_password: str | None = field(default=None, repr=False)
+    ui_user_header: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +135,8 @@ class Settings:
             log_format=env.choice("G0129_LOG_FORMAT", get_args(LogFormat), defaults.log_format),
             log_level=env.choice("G0129_LOG_LEVEL", get_args(LogLevel), defaults.log_level),
             review_owner=_review_owner(env.text("G0129_REVIEW_OWNER")),
+            ui_password=env.text("G0129_UI_PASSWORD"),
+            ui_user_header=env.text("G0129_UI_USER_HEADER"),
         )
 
     def http_retry_policy(self) -> RetryPolicy:

@@ -208,6 +208,8 @@ class FakeFHIR:
                 elif name == "_tag:not":
                     system, _, code = value.partition("|")
                     ok = not any(t.get("system") == system and t.get("code") == code for t in resource["meta"].get("tag", []))
+                elif name == "status":
+                    ok = resource.get("status") in value.split(",")
                 elif name == "code":  # a token: system|code
                     system, _, code = value.partition("|")
                     ok = any(c.get("system") == system and c.get("code") == code for c in (resource.get("code") or {}).get("coding", []))

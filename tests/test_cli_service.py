@@ -10,14 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import respx
 
 from adapter.cli import main
 
@@ -51,14 +49,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeFHIR]:
-    server = FakeFHIR(BASE)
-    with respx.mock(assert_all_called=False) as mock:
-        mock.route(host="fhir.test").mock(side_effect=server)
-        yield server
 
 
 class Server:

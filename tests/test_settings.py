@@ -55,6 +55,8 @@ def test_reads_every_variable() -> None:
             "G0129_CATCHUP_INTERVAL": "15",
             "G0129_MAPPINGS_DIR": "/etc/g0129/mappings",
             "G0129_REVIEW_OWNER": "Organization/billing-team",
+            "G0129_UI_PASSWORD": "page-secret",
+            "G0129_UI_USER_HEADER": "X-Forwarded-User",
         }
     )
 
@@ -77,6 +79,8 @@ def test_reads_every_variable() -> None:
     assert settings.catchup_interval == 15.0
     assert settings.mappings_dir == Path("/etc/g0129/mappings")
     assert settings.review_owner == "Organization/billing-team"
+    assert (settings.ui_password, settings.ui_user_header) == ("page-secret", "X-Forwarded-User")
+    assert "page-secret" not in repr(settings)
 
 
 def test_logs_are_json_at_info_unless_told() -> None:
