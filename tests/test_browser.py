@@ -30,6 +30,7 @@ from .test_e2e_hapi import (
     g0129_lines,
     php_day,
     post_transaction,
+    validation_errors,
     wait_annotated,
     wait_for,
     _hapi_up,
@@ -112,5 +113,6 @@ def test_a_biller_approves_a_review_item_in_the_browser(page_adapter: Adapter, b
     assert decision_of(c, f"Encounter/{prefix}-enc")["outcome"] == "bill"
     task = fhir.get("/Task", params={"identifier": f"{TASK_IDENTIFIER_SYSTEM}|Claim/{prefix}-claim"}).json()["entry"][0]["resource"]
     assert task["status"] == "completed" and task["owner"] == {"display": "Dana Biller"}
+    assert validation_errors(task) == [] and validation_errors(c) == []
     browser.get(f"{page_adapter.url}/review")
     assert f"Claim/{prefix}-claim" not in browser.page_source, "the answered item left the list"
