@@ -419,10 +419,11 @@ def _review(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[
     if answer is None:
         return []
     when = f" on {answer.on}" if answer.on else ""
+    task = answer.task.split("/_history/")[0]  # a subject names the resource; the Provenance its version
     if answer.answer == "approve":
         asked = f" (the questions of {', '.join(sorted(answer.rules))})" if answer.rules else ""
-        return [_found(rules, "REVIEW", "approved", f"Approved by {answer.who}{when}{asked}: the proposed lines are billed.", answer.task)]
-    return [_found(rules, "REVIEW", "rejected", f"Rejected by {answer.who}{when}: G0129 is not billed.", answer.task)]
+        return [_found(rules, "REVIEW", "approved", f"Approved by {answer.who}{when}{asked}: the proposed lines are billed.", task)]
+    return [_found(rules, "REVIEW", "rejected", f"Rejected by {answer.who}{when}: G0129 is not billed.", task)]
 
 
 def _settled(findings: list[Finding], case: Case) -> list[Finding]:

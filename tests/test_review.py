@@ -163,7 +163,7 @@ def test_an_approved_review_bills_the_proposed_lines_and_says_who_approved(worke
     [decision] = result.decisions
     assert decision.outcome == "bill" and decision.lines == proposed
     [approval] = [f for f in decision.findings if f.rule == "REVIEW"]
-    assert (approval.severity, approval.subject) == ("info", f"Task/{answered['id']}/_history/2")
+    assert (approval.severity, approval.subject) == ("info", f"Task/{answered['id']}")
     assert approval.message == "Approved by Dana Biller on 2026-01-05T10:00:00Z (the questions of PAYER): the proposed lines are billed."
     assert [f.severity for f in decision.findings if f.rule == "PAYER"] == ["warning"], "the question stays, answered"
     claim = fake.current("Claim", result.claim.split("/")[1])
