@@ -23,6 +23,8 @@ from .vocabulary import (
     COVERAGE_STATUSES,
     ENCOUNTER_STATUSES,
     LINE_EXTENSION,
+    RULE_SYSTEM,
+    TASK_CODE_SYSTEM,
     claim_encounter_references,
     draft_identifier,
     ehr_view,
@@ -30,6 +32,7 @@ from .vocabulary import (
 )
 
 __all__ = [
+    "ReviewAnswer",
     "Case",
     "ClaimLine",
     "Diagnosis",
@@ -127,6 +130,21 @@ class Diagnosis:
     source: str  # where it was found, e.g. "Claim.diagnosis" or "Encounter.diagnosis"
 
 
+@dataclass(frozen=True, slots=True)
+class ReviewAnswer:
+    """A person's answer to the review Task of the Claim (completed, output `answer`)."""
+
+    task: str  # the Task as read, version-specific: Task/<id>/_history/<n>
+    answer: str  # approve | reject
+    by: dict[str, Any]  # who answered: the Task's owner as it stands completed (a Reference)
+    on: str | None  # when: executionPeriod.end, else the Task's lastModified, else meta.lastUpdated
+    rules: frozenset[str]  # the rules that asked the question answered (Task.reasonCode)
+
+    @property
+    def who(self) -> str:
+        return str(self.by.get("display") or self.by.get("reference") or "someone not recorded")
+
+
 @dataclass(slots=True)
 class Case:
     encounter: str  # "Encounter/<id>"
@@ -155,6 +173,7 @@ class Case:
     input_problems: tuple[InputProblem, ...] = ()
     source: str = ""  # where the Encounter came from
     draft: bool = False  # `claim` is a draft we made earlier: the EHR has no claim yet
+    review_answer: ReviewAnswer | None = None  # a person's answer to the Claim's review Task
 
     @property
     def program(self) -> str | None:
@@ -338,6 +357,41 @@ class _Builder:
         if not candidates:
             return None
         return max(candidates, key=lambda c: (str(c.resource.get("created") or ""), c.key))
+
+    def review_answer(self, claim: Entry | None) -> ReviewAnswer | None:
+        """The answer of the newest completed review Task focused on the Claim, if any: its
+        output `answer` (task-codes `approve` or `reject`, a CodeableConcept or a code)."""
+        if claim is None:
+            return None
+        answers = []
+        for task in self.index.of_type("Task"):
+            res = task.resource
+            if res.get("status") != "completed" or (TASK_CODE_SYSTEM, "review") not in set(codings(res.get("code"))):
+                continue
+            if self._key_of(res.get("focus"), task) != claim.key:
+                continue
+            for output in res.get("output") or ():
+                if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in set(codings(output.get("type"))):
+                    continue
+                values = {c for s, c in codings(output.get("valueCodeableConcept")) if s == TASK_CODE_SYSTEM}
+                values.add(str(output.get("valueCode")))
+                answer = next((a for a in ("reject", "approve") if a in values), None)
+                if answer is None:
+                    continue
+                meta = _object(res.get("meta"))
+                on = _object(res.get("executionPeriod")).get("end") or res.get("lastModified") or meta.get("lastUpdated")
+                owner = res.get("owner")
+                version = meta.get("versionId")
+                answers.append(
+                    ReviewAnswer(
+                        task=f"{task.key}/_history/{version}" if version else task.key,
+                        answer=answer,
+                        by=dict(owner) if isinstance(owner, dict) else {},
+                        on=str(on) if on else None,
+                        rules=frozenset(c for s, c in codings(res.get("reasonCode")) if s == RULE_SYSTEM),
+                    )
+                )
+        return max(answers, key=lambda a: a.on or "", default=None)
 
     def claim_lines(self, claim: Entry) -> tuple[ClaimLine, ...]:
         lines = []
@@ -762,6 +816,7 @@ class _Builder:
             input_problems=tuple(problems),
             source=enc.source,
             draft=draft,
+            review_answer=self.review_answer(claim),
         )
 
 

@@ -50,6 +50,7 @@ from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_fi
 from .pipeline import RunResult
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
 from .settings import Settings
+from .review import review_csv
 from .sinks import DirectorySink, error_record
 from .vocabulary import decision_resource_types
 
@@ -201,6 +202,7 @@ def _stream(
     for part in replay_.run(plan, rules, args.validation, workers, on_decided):
         write("decisions", part.decisions)
         write("claims", part.claims)
+        write("review", part.review)
         _errors(part.errors, totals, write, stderr)
         totals.resources += part.resources
         totals.encounters_seen += part.encounters_seen
@@ -308,6 +310,7 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
         def on_decided(index: Index, result: RunResult) -> None:
             pushed.append(asyncio.run(_push(args, index, result, rules, stdout, stderr)))
     with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout, sink.scratch) as export:
+        sink.write_block("review", review_csv([], header=True))
         with _Progress(stderr, args.progress) as progress:
             if export is None:
                 totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
@@ -341,7 +344,7 @@ async def _push(args: argparse.Namespace, index: Index, run: RunResult, rules: R
 
     settings = dataclasses.replace(Settings.from_env(), fhir_base_url=args.fhir_base.rstrip("/"))
     async with FHIRClient.from_settings(settings) as client:
-        results = await push_claims(Writer(client, dry_run=args.dry_run), index, run, rules)
+        results = await push_claims(Writer(client, dry_run=args.dry_run, review_owner=settings.review_owner), index, run, rules)
     failed = False
     for claim, outcome in results:
         if isinstance(outcome, FHIRError):

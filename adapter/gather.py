@@ -18,7 +18,7 @@ from .fhir_client import FHIRClient
 from .ingest import Entry, Index, load_value
 from .notifications import Change, split_reference
 from .ruleset import RuleSet
-from .vocabulary import DRAFT_IDENTIFIER_SYSTEM, claim_encounter_references, is_candidate_claim
+from .vocabulary import DRAFT_IDENTIFIER_SYSTEM, TASK_CODE_SYSTEM, claim_encounter_references, is_candidate_claim
 
 __all__ = ["encounters_touched", "gather", "patients_of"]
 
@@ -28,15 +28,23 @@ MAX_ROUNDS = 3
 
 
 async def encounters_touched(client: FHIRClient, change: Change, rules: RuleSet) -> list[str]:
-    """Ids of the Encounters a changed Encounter, Procedure or Claim bears on."""
+    """Ids of the Encounters a changed Encounter, Procedure, Claim or review Task bears on."""
     if change.resource_type == "Encounter":
         return [change.resource_id]
-    if change.resource_type not in ("Procedure", "Claim"):
+    if change.resource_type not in ("Procedure", "Claim", "Task"):
         return []
     resource = change.resource
     if resource is None:
         resource = (await client.read(change.resource_type, change.resource_id)).resource or {}
     refs: list[Any] = []
+    if change.resource_type == "Task":
+        # A person answered a review Task: its Claim (and so every day it bills) is decided again.
+        focus = resource.get("focus")
+        parts = split_reference(focus.get("reference", "")) if isinstance(focus, dict) else None
+        if parts and parts[0] == "Claim":
+            claim = (await client.read("Claim", parts[1])).resource or {}
+            return await encounters_touched(client, Change("Claim", parts[1], "", claim), rules)
+        return []
     if change.resource_type == "Procedure":
         refs.append(resource.get("encounter"))
     elif is_candidate_claim(resource, rules):  # a pharmacy or professional Claim is never ours to annotate
@@ -148,6 +156,8 @@ async def _patient_searches(client: FHIRClient, index: Index, patients: Sequence
             f"Condition?patient={pid}&_count={PAGE}",
             # Newest first: the Claims of the service period lead the first page.
             f"Claim?patient={pid}&_sort=-created&_count={PAGE}",
+            # The review Tasks of the patient's Claims: a person's answer is part of the case.
+            f"Task?patient={pid}&code={TASK_CODE_SYSTEM}|review&_count={PAGE}",
         ]
         searches += [f"{t}?patient={pid}&_count={PAGE}" for t in _documentation_types(rules, "patient")]
     batch = {

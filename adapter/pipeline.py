@@ -48,11 +48,13 @@ class AnnotatedClaim:
 
     def entities(self) -> list[str]:
         """What the decisions were made from, version-specific where the input says its version:
-        the Claim as read, each Encounter, its sessions and the Coverage billed."""
+        the Claim as read, each Encounter, its sessions and the review Task a person answered."""
         refs = [versioned_reference(self.original)] if self.original is not None else []
         for case in self.cases:
             refs.append(versioned_reference(case.encounter_resource))
             refs.extend(versioned_reference(s.resource) for s in case.sessions)
+            if case.review_answer is not None:
+                refs.append(case.review_answer.task)
         return list(dict.fromkeys(refs))
 
 

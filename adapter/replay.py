@@ -28,6 +28,7 @@ from .compartment import SHARED, patient_key, route
 from .errors import InputError
 from .ingest import DEFAULT_MAX_FILE_BYTES, Entry, Index, Value, load_value, read_file
 from .pipeline import RunResult, Validation, evaluate
+from .review import review_csv
 from .ruleset import RuleSet
 from .sinks import error_record
 from .spill import Spill, bucket
@@ -64,6 +65,7 @@ class Part:
 
     decisions: bytes = b""
     claims: bytes = b""
+    review: bytes = b""  # rows of review.csv
     errors: list[InputError] = field(default_factory=list)
     resources: int = 0
     encounters_seen: int = 0
@@ -136,6 +138,7 @@ def part_of(index: Index, run: RunResult, shared: int) -> Part:
     return Part(
         decisions=b"".join(jsonio.dumps(d.to_json()) + b"\n" for d in run.decisions),
         claims=b"".join(jsonio.dumps(c.resource) + b"\n" for c in run.claims),
+        review=review_csv(run.claims),
         errors=run.errors,
         resources=len(index) - shared,
         encounters_seen=run.encounters_seen,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .case import Case, ClaimLine, Session
 from .decision import Decision, Finding, FlaggedLine, Line, outcome_of
@@ -414,6 +414,27 @@ def _documentation(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -
     return [_found(rules, "DOCUMENTATION", "missing", f"Documentation not found: {labels}.", case.encounter)]
 
 
+def _review(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
+    answer = case.review_answer
+    if answer is None:
+        return []
+    when = f" on {answer.on}" if answer.on else ""
+    task = answer.task.split("/_history/")[0]  # a subject names the resource; the Provenance its version
+    if answer.answer == "approve":
+        asked = f" (the questions of {', '.join(sorted(answer.rules))})" if answer.rules else ""
+        return [_found(rules, "REVIEW", "approved", f"Approved by {answer.who}{when}{asked}: the proposed lines are billed.", task)]
+    return [_found(rules, "REVIEW", "rejected", f"Rejected by {answer.who}{when}: G0129 is not billed.", task)]
+
+
+def _settled(findings: list[Finding], case: Case) -> list[Finding]:
+    """An approval settles the review findings of the rules its Task named: they stay, as
+    warnings, and no longer hold the lines back. Any other rule's review still asks."""
+    answer = case.review_answer
+    if answer is None or answer.answer != "approve":
+        return findings
+    return [replace(f, severity="warning") if f.severity == "review" and f.rule in answer.rules else f for f in findings]
+
+
 RULES: dict[str, Rule] = {
     "INPUT": _input,
     "PROGRAM": _program,
@@ -435,6 +456,7 @@ RULES: dict[str, Rule] = {
     "COVERAGE": _coverage,
     "PAYER": _payer,
     "DOCUMENTATION": _documentation,
+    "REVIEW": _review,
 }
 
 # The kinds of finding each rule gives; rules.yaml gives each its severity, and loading the
@@ -460,6 +482,7 @@ FINDING_KINDS: dict[str, tuple[str, ...]] = {
     "COVERAGE": ("not_active", "outside_period"),
     "PAYER": ("not_identified", "no_policy", "refuses"),
     "DOCUMENTATION": ("missing",),
+    "REVIEW": ("approved", "rejected"),
 }
 
 
@@ -473,6 +496,7 @@ def decide(case: Case, rules: RuleSet) -> Decision:
         findings.extend(found)
         if all(f.severity == "info" for f in found):
             passed.append(info.id)
+    findings = _settled(findings, case)
     outcome = outcome_of(findings)
     return Decision(
         encounter=case.encounter,

@@ -52,6 +52,7 @@ from .queue import GroupCommit, JobQueue, NewJob
 from .retry import RetryPolicy
 from .ruleset import RuleSet, load_ruleset
 from .settings import Settings
+from .ui import review_router
 from .worker import CATCH_UP, RESOURCE, WATCHED, Worker
 
 __all__ = ["FHIR_JSON", "FHIRResponse", "create_app", "evaluation_bundle", "operation_outcome"]
@@ -131,8 +132,8 @@ def create_app(
     # Readiness must answer fast: one try, a short timeout.
     probe = FHIRClient.from_settings(settings, transport=transport, retry=RetryPolicy(max_attempts=1), timeout=3.0)
     worker = Worker(
-        queue, client, rules, metrics, dry_run=dry_run, catch_up_interval=settings.catchup_interval,
-        concurrency=settings.worker_concurrency, clock=clock,
+        queue, client, rules, metrics, dry_run=dry_run, review_owner=settings.review_owner,
+        catch_up_interval=settings.catchup_interval, concurrency=settings.worker_concurrency, clock=clock,
     )
     intake = GroupCommit(queue)
 
@@ -166,6 +167,13 @@ def create_app(
         redoc_url=None,
     )
     app.state.queue, app.state.worker, app.state.metrics = queue, worker, metrics
+
+    async def answered(task_id: str, version: str) -> None:
+        # The Subscription will tell us too; deciding now does not wait for it.
+        if await asyncio.to_thread(queue.enqueue, RESOURCE, "Task", task_id, version, None, "review-page"):
+            worker.wake.set()
+
+    app.include_router(review_router(settings, client, answered, clock))
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:

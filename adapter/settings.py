@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ DEFAULT_SMART_SCOPE = " ".join(
         # c: a draft Claim is created when an encounter has none yet.
         "system/Claim.crus",
         "system/Provenance.c",
+        # The review Task beside a Claim under review: a conditional update on its identifier
+        # (create, read and search it; update it on a re-decision).
+        "system/Task.crus",
         *(
             f"system/{resource_type}.rs"
             for resource_type in (
@@ -94,6 +98,12 @@ class Settings:
     # `g0129 serve`'s logs (adapter/logs.py): one JSON object per line unless `text`.
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
+    # `Type/id` of the billing team the review Tasks are assigned to (Task.owner); None: unassigned.
+    review_owner: str | None = None
+    # The review page (GET /review) is off unless one of these is set: its own secret, or the
+    # header a trusted proxy in front of us sets to the signed-in person's name.
+    ui_password: str | None = field(default=None, repr=False)
+    ui_user_header: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +144,9 @@ class Settings:
             mappings_dir=env.path("G0129_MAPPINGS_DIR"),
             log_format=env.choice("G0129_LOG_FORMAT", get_args(LogFormat), defaults.log_format),
             log_level=env.choice("G0129_LOG_LEVEL", get_args(LogLevel), defaults.log_level),
+            review_owner=_review_owner(env.text("G0129_REVIEW_OWNER")),
+            ui_password=env.text("G0129_UI_PASSWORD"),
+            ui_user_header=env.text("G0129_UI_USER_HEADER"),
         )
 
     def http_retry_policy(self) -> RetryPolicy:
@@ -177,6 +190,20 @@ def _base_url(value: str | None) -> str | None:
     if not value.startswith(("http://", "https://")):
         raise UsageError(f"G0129_FHIR_BASE_URL must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
+
+
+# What R4 allows as Task.owner that can stand for a billing team (R4 has no Group there).
+_OWNER_TYPES = ("Organization", "PractitionerRole", "Practitioner", "CareTeam", "HealthcareService")
+_OWNER = re.compile(rf"^(?:{'|'.join(_OWNER_TYPES)})/[A-Za-z0-9\-.]{{1,64}}$")
+
+
+def _review_owner(value: str | None) -> str | None:
+    if value is not None and not _OWNER.match(value):
+        raise UsageError(
+            f"G0129_REVIEW_OWNER must be a reference Type/id with Type one of {', '.join(_OWNER_TYPES)} "
+            f"(the owner of R4's Task), got {value!r}"
+        )
+    return value
 
 
 class _Env:

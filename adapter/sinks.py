@@ -15,7 +15,7 @@ from .errors import InputError, InvalidElement, UsageError
 
 __all__ = ["DirectorySink", "error_record"]
 
-FILES = ("decisions", "claims", "errors")
+FILES = ("decisions.ndjson", "claims.ndjson", "errors.ndjson", "review.csv")
 
 
 def error_record(error: InputError) -> dict[str, Any]:
@@ -26,9 +26,10 @@ def error_record(error: InputError) -> dict[str, Any]:
 
 
 class DirectorySink:
-    """Writes decisions.ndjson, claims.ndjson and errors.ndjson into `directory`, as one set.
+    """Writes decisions.ndjson, claims.ndjson, errors.ndjson and review.csv into `directory`, as
+    one set.
 
-    The three are written into a run directory of their own (`.g0129-run-*` inside `directory`)
+    The four are written into a run directory of their own (`.g0129-run-*` inside `directory`)
     and swapped in together when the whole run has finished: a journal (`.g0129-swap`) names
     the run being swapped in, so a run killed in the middle of the swap is completed by the next
     one, and a run killed while writing leaves only its run directory, which the next one
@@ -54,15 +55,17 @@ class DirectorySink:
         recover(self.directory)
         self._run = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=self.directory))
         for name in FILES:
-            self._files[name] = open(self._run / f"{name}.ndjson", "wb")
+            self._files[name] = open(self._run / name, "wb")
         return self
 
     def write(self, name: str, record: dict[str, Any]) -> None:
-        self._files[name].write(jsonio.dumps(record) + b"\n")
+        """One line of `name`.ndjson."""
+        self._files[f"{name}.ndjson"].write(jsonio.dumps(record) + b"\n")
 
     def write_block(self, name: str, block: bytes) -> None:
-        """Append NDJSON lines already made (a replay partition's results)."""
-        self._files[name].write(block)
+        """Append lines already made (a replay partition's results) to the file `name` names:
+        `decisions` is decisions.ndjson, `review` is review.csv."""
+        self._files[next(f for f in FILES if f.partition(".")[0] == name)].write(block)
 
     @property
     def scratch(self) -> Path:
@@ -122,9 +125,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _swap_in(directory: Path, run: Path, journal: Path) -> None:
     """Move the run's files into place, then drop the journal and the run directory."""
     for name in FILES:
-        source = run / f"{name}.ndjson"
+        source = run / name
         if source.exists():  # already moved by a swap that was interrupted
-            os.replace(source, directory / f"{name}.ndjson")
+            os.replace(source, directory / name)
     _fsync_dir(directory)
     journal.unlink(missing_ok=True)
     shutil.rmtree(run, ignore_errors=True)
@@ -141,7 +144,7 @@ def recover(directory: Path) -> None:
     for leftover in directory.glob(f"{RUN_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     # Written by releases before 2026.11.1, beside the outputs.
-    for name in FILES:
+    for name in ("decisions", "claims", "errors"):
         for leftover in directory.glob(f".{name}.*.tmp"):
             leftover.unlink(missing_ok=True)
     (directory / (JOURNAL + ".tmp")).unlink(missing_ok=True)

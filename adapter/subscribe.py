@@ -1,7 +1,7 @@
 """Create or update, idempotently, the R4 rest-hook Subscriptions the sidecar listens to.
 
-One Subscription per watched type, under a fixed id (`g0129-encounter`, ...), so running the
-command again updates them instead of adding more. The Claim criteria exclude Claims carrying
+One Subscription per watched type, under a fixed id (`g0129-encounter`, ..., `g0129-task`), so
+running the command again updates them instead of adding more. The Claim criteria exclude Claims carrying
 our `annotated` tag, so our own write-backs do not notify us; the webhook token travels in
 `channel.header` (visible to whoever can read Subscriptions: use a token that only opens the
 webhook).
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .vocabulary import TAG_SYSTEM
+from .vocabulary import TAG_SYSTEM, TASK_CODE_SYSTEM
 from .errors import FatalFHIRError
 from .fhir_client import FHIRClient
 
@@ -24,6 +24,9 @@ CRITERIA = {
     "Encounter": "Encounter?",
     "Procedure": "Procedure?",
     "Claim": f"Claim?_tag:not={TAG_SYSTEM}|annotated",
+    # A person's answer: our review Tasks once completed (those we write are requested or
+    # cancelled, so our own writes do not notify us).
+    "Task": f"Task?code={TASK_CODE_SYSTEM}|review&status=completed",
 }
 
 

@@ -23,6 +23,12 @@ __all__ = [
     "LINE_EXTENSION",
     "LINE_FLAG_EXTENSION",
     "TAG_SYSTEM",
+    "OUTCOME_SYSTEM",
+    "REVIEW_TASK_PROFILE",
+    "RULE_SYSTEM",
+    "TASK_CODES",
+    "TASK_CODE_SYSTEM",
+    "TASK_IDENTIFIER_SYSTEM",
     "CLAIM_STATUSES",
     "COVERAGE_STATUSES",
     "ENCOUNTER_STATUSES",
@@ -56,6 +62,26 @@ CORRECTED_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-corrected"
 TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
 ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
 DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
+# The code systems of the decision extension's `rule` and `outcome` codes, published with the
+# other definitions (adapter/definitions.py, conformance/).
+RULE_SYSTEM = f"{CANONICAL}/CodeSystem/rules"
+OUTCOME_SYSTEM = f"{CANONICAL}/CodeSystem/outcomes"
+# The review Task: one per Claim under review, found again by its identifier (value: the Claim).
+REVIEW_TASK_PROFILE = f"{CANONICAL}/StructureDefinition/g0129-review-task"
+TASK_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/review-task"
+TASK_CODE_SYSTEM = f"{CANONICAL}/CodeSystem/task-codes"
+# (code, display, definition): Task.code, the input and output types, and a person's answers.
+TASK_CODES = (
+    ("review", "Review a G0129 decision", "A person decides whether the proposed G0129 lines are billed."),
+    ("finding", "Finding", "Input: a finding of the decision (rule, severity, message, subject)."),
+    ("missing-data", "Missing data", "Input: what the rules looked for and did not find."),
+    ("proposed-line", "Proposed line", "Input: a G0129 line the decision proposes (code, units, date, revenue code)."),
+    ("service-date", "Service date", "Input: the date of the encounter under review."),
+    ("payer", "Payer", "Input: the payer billed, as the rules matched it (policy key, then the name on file)."),
+    ("answer", "Answer", "Output: the person's answer, approve or reject."),
+    ("approve", "Approve", "Answer: bill the proposed lines."),
+    ("reject", "Reject", "Answer: do not bill G0129 for this Claim's encounters under review."),
+)
 
 # R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this). No R4 search
 # parameter covers it: a server search on Claim:encounter only follows item.encounter.
@@ -76,10 +102,13 @@ CLAIM_STATUSES = COVERAGE_STATUSES  # both bind to fm-status
 DECISION_RESOURCE_TYPES = (
     "Patient", "Encounter", "EpisodeOfCare", "Procedure", "Condition", "Claim", "Coverage",
     "Organization", "Practitioner", "PractitionerRole",
+    # A biller's answer to a review Task of ours is part of the case (adapter/review.py).
+    "Task",
 )
-# Those outside the Patient compartment: a Patient- or Group-level export leaves them out (HAPI
-# fails the job if asked), so they come from a system-level export of their own.
-SHARED_RESOURCE_TYPES = ("Organization", "Practitioner", "PractitionerRole")
+# Those outside the R4 Patient compartment (Task too, whose `for` is no compartment link in R4):
+# a Patient- or Group-level export leaves them out (HAPI refuses the kick-off if asked), so they
+# come from a system-level export of their own.
+SHARED_RESOURCE_TYPES = ("Organization", "Practitioner", "PractitionerRole", "Task")
 
 
 def decision_resource_types(rules: RuleSet) -> tuple[str, ...]:

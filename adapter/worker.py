@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 RESOURCE = "resource"  # job kind: look at this resource (version)
 CHECKPOINT = "lastUpdated"
-WATCHED = ("Encounter", "Procedure", "Claim")
+WATCHED = ("Encounter", "Procedure", "Claim", "Task")
 DONE_RETENTION = 7 * 86400.0
 # Searched from a little before the checkpoint: resources updated in the same instant as the
 # last one seen are not missed; the queue's deduplication drops the repeats.
@@ -89,6 +89,7 @@ class Worker:
         metrics: Metrics,
         *,
         dry_run: bool = False,
+        review_owner: str | None = None,
         catch_up_interval: float = 60.0,
         concurrency: int = 1,
         clock: Callable[[], float] = time.time,
@@ -100,7 +101,7 @@ class Worker:
         self.metrics = metrics
         self.clock = clock
         self.catch_up_interval = catch_up_interval
-        self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run)
+        self.writer = Writer(client, on_write=queue.record_own_write, dry_run=dry_run, review_owner=review_owner)
         # Set by the service when it accepts work, so a new job starts at once.
         self.wake = asyncio.Event()
 

@@ -33,6 +33,7 @@ from .errors import FatalFHIRError, FHIRError, InvalidResource, VersionConflict
 from .fhir_client import FHIRClient
 from .ingest import Entry, Index
 from .pipeline import AnnotatedClaim, RunResult, evaluate
+from .review import review_task, task_condition, task_key, under_review
 from .ruleset import RuleSet
 from .vocabulary import ANNOTATED_TAG, DRAFT_IDENTIFIER_SYSTEM, draft_identifier, meta_version
 
@@ -89,8 +90,9 @@ def _version() -> str:
 
 def provenance(target: str, claim: AnnotatedClaim, activity: str) -> dict[str, Any]:
     """The one Provenance recipe for every write: the Claim version written, what the decisions
-    were made from (version-specific), the adapter as a Device with its version, coded activity
-    and reason."""
+    were made from (version-specific; a review Task a person answered among them), the adapter
+    as a Device with its version and the person who answered as verifier, coded activity and
+    reason."""
     return {
         "resourceType": "Provenance",
         "meta": {"tag": [dict(ANNOTATED_TAG)]},
@@ -115,10 +117,24 @@ def provenance(target: str, claim: AnnotatedClaim, activity: str) -> dict[str, A
             {
                 "type": {"coding": [{"system": _PARTICIPANT_TYPE, "code": "assembler"}]},
                 "who": {"reference": "#adapter", "display": AGENT},
-            }
+            },
+            # Whoever answered a review Task the decisions follow (its Task is among the entities).
+            *(
+                {"type": {"coding": [{"system": _PARTICIPANT_TYPE, "code": "verifier"}]}, "who": who}
+                for who in _answerers(claim)
+            ),
         ],
         "entity": [{"role": "source", "what": {"reference": ref}} for ref in claim.entities()],
     }
+
+
+def _answerers(claim: AnnotatedClaim) -> list[dict[str, Any]]:
+    people: list[dict[str, Any]] = []
+    for case in claim.cases:
+        answer = case.review_answer
+        if answer is not None and answer.by and answer.by not in people:
+            people.append(dict(answer.by))
+    return people
 
 
 def _next_version(version: str | None) -> str | None:
@@ -147,18 +163,25 @@ def _version_from(entry: dict[str, Any]) -> tuple[str | None, str | None]:
 class Writer:
     """Writes annotated Claims through `client`. `on_write(claim_id, version, last_modified)` is
     told of every version we create (with the instant the server gave it, when it says), for the
-    loop guard; `dry_run` computes and diffs, and writes nothing."""
+    loop guard; `dry_run` computes and diffs, and writes nothing. `review_owner` (`Type/id`,
+    G0129_REVIEW_OWNER) is the owner of the review Tasks written beside the Claims."""
 
     def __init__(
-        self, client: FHIRClient, on_write: Callable[[str, str, str | None], None] | None = None, dry_run: bool = False
+        self,
+        client: FHIRClient,
+        on_write: Callable[[str, str, str | None], None] | None = None,
+        dry_run: bool = False,
+        review_owner: str | None = None,
     ) -> None:
         self.client = client
         self.on_write = on_write
         self.dry_run = dry_run
+        self.review_owner = review_owner
 
     async def write(self, claim: AnnotatedClaim, current: dict[str, Any] | None) -> WriteResult:
         """Write `claim.resource`, made from `current` (the server's version, None when the
-        server has no such Claim), in one transaction with its Provenance."""
+        server has no such Claim), in one transaction with its review Task (when it is or was
+        under review: adapter/review.py) and its Provenance."""
         annotated = claim.resource
         claim_id = str(annotated.get("id") or "")
         name = f"Claim/{claim_id}"
@@ -177,7 +200,7 @@ class Writer:
             claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": request}
             expected = _next_version(version)
             target = f"{name}/_history/{expected}" if expected else name
-            activity = "UPDATE"
+            activity, focus = "UPDATE", name
         elif draft_identifier(annotated):
             # Our draft: created once, whatever the number of runs or workers racing. The server
             # gives it its id, so the Provenance names it by fullUrl and the server resolves it.
@@ -185,20 +208,22 @@ class Writer:
             full_url = f"urn:uuid:{uuid.uuid4()}"
             request = {"method": "POST", "url": "Claim", "ifNoneExist": f"identifier={DRAFT_IDENTIFIER_SYSTEM}|{draft_identifier(annotated)}"}
             claim_entry = {"fullUrl": full_url, "resource": draft, "request": request}
-            target, activity, expected = full_url, "CREATE", "1"
+            target, activity, expected, focus = full_url, "CREATE", "1", full_url
         else:
             # An EHR claim the server does not have yet (a replay of files): create it under
             # its own id, so the next run updates the same resource.
             claim_entry = {"fullUrl": f"{self.client.base_url}/{name}", "resource": annotated, "request": {"method": "PUT", "url": name}}
-            target, activity, expected = f"{name}/_history/1", "CREATE", "1"
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [
-                claim_entry,
-                {"resource": provenance(target, claim, activity), "request": {"method": "POST", "url": "Provenance"}},
-            ],
-        }
+            target, activity, expected, focus = f"{name}/_history/1", "CREATE", "1", name
+        writes: list[dict[str, Any]] = [claim_entry]
+        key = task_key(claim.key, annotated)
+        answers = [case.review_answer.rules for case in claim.cases if case.review_answer is not None]
+        answered = frozenset().union(*answers) if answers else None
+        task = review_task(key, focus, annotated, decisions, claim.cases, under_review(current), answered, self.review_owner, _now())
+        if task is not None:
+            # A conditional update on the Task's identifier: created the first time, updated after.
+            writes.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": task, "request": {"method": "PUT", "url": task_condition(key)}})
+        writes.append({"resource": provenance(target, claim, activity), "request": {"method": "POST", "url": "Provenance"}})
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": writes}
         # An If-Match mismatch comes back as 409 (HAPI-0989) or 412; the client raises
         # VersionConflict for both, and `settle` re-reads and re-decides.
         response = await self.client.transaction(bundle)

@@ -368,7 +368,7 @@ def main() -> int:
         if kill_thread.is_alive():
             kill_thread.join(120)
         service.stop()
-        for rtype in ("encounter", "procedure", "claim"):
+        for rtype in ("encounter", "procedure", "claim", "task"):
             try:
                 fhir.delete(f"/Subscription/g0129-{rtype}")
             except httpx.TransportError:

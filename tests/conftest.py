@@ -12,11 +12,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import respx
 
 from adapter.ruleset import RuleSet, load_ruleset
 from adapter.service import create_app
 from adapter.settings import Settings
 from adapter.vocabulary import TAG_SYSTEM
+
+from .fakefhir import FakeFHIR
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -79,6 +82,15 @@ def settings(tmp_path: Path, **extra: str) -> Settings:
     env = {"G0129_FHIR_BASE_URL": BASE, "G0129_WEBHOOK_TOKEN": TOKEN, "G0129_DATA_DIR": str(tmp_path / "data")}
     env.update(extra)
     return Settings.from_env(env)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFHIR]:
+    """The in-memory FHIR server at BASE, every request to it routed there (respx)."""
+    server = FakeFHIR(BASE)
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(host="fhir.test").mock(side_effect=server)
+        yield server
 
 
 @asynccontextmanager

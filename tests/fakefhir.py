@@ -26,7 +26,7 @@ Resource = dict[str, Any]
 # search parameter -> the paths of the reference it searches
 REFERENCE_PARAMS: dict[str, tuple[str, ...]] = {
     "subject": ("subject",),
-    "patient": ("subject", "patient", "beneficiary"),
+    "patient": ("subject", "patient", "beneficiary", "for"),
     "beneficiary": ("beneficiary",),
     "encounter": ("encounter", "context.encounter", "item.encounter"),
     "episode-of-care": ("episodeOfCare",),
@@ -208,6 +208,11 @@ class FakeFHIR:
                 elif name == "_tag:not":
                     system, _, code = value.partition("|")
                     ok = not any(t.get("system") == system and t.get("code") == code for t in resource["meta"].get("tag", []))
+                elif name == "status":
+                    ok = resource.get("status") in value.split(",")
+                elif name == "code":  # a token: system|code
+                    system, _, code = value.partition("|")
+                    ok = any(c.get("system") == system and c.get("code") == code for c in (resource.get("code") or {}).get("coding", []))
                 elif name == "identifier":
                     system, _, code = value.partition("|")
                     ok = any(i.get("system") == system and i.get("value") == code for i in resource.get("identifier", []))
@@ -273,10 +278,18 @@ class FakeFHIR:
         resolved: dict[str, str] = {}
         out = []
         for entry in bundle.get("entry", []):
-            request, resource = entry["request"], jsonio.copy(entry["resource"])
-            for target in resource.get("target", []):
-                target["reference"] = resolved.get(target.get("reference"), target.get("reference"))
-            if request["method"] == "PUT":
+            request, resource = entry["request"], rewrite_references(entry["resource"], resolved)
+            rtype, conditional, query = request["url"].partition("?")
+            if request["method"] == "PUT" and conditional:  # conditional update: the one match, else create
+                matches = self._matches(rtype, parse_qsl(query))
+                if len(matches) > 1:
+                    self.store = snapshot
+                    return self._outcome(412, f"{len(matches)} resources match {request['url']}")
+                if matches:
+                    status, stored = self._update(resource | {"id": matches[0]["id"]}, None)
+                else:
+                    status, stored = self._create(resource, None)
+            elif request["method"] == "PUT":
                 status, stored = self._update(resource, request.get("ifMatch"))
             else:
                 status, stored = self._create(resource, request.get("ifNoneExist"))

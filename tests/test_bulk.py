@@ -296,9 +296,11 @@ def test_replay_of_an_export_decides_as_replay_of_the_same_files(ehr: respx.Mock
     assert code == 0, err
     assert f"bulk export of {BASE}: {len(files)} file(s), as of 2026-11-28T10:00:00.000+00:00" in out
     assert run("replay", str(EXPORT), "--out", str(tmp_path / "files"))[0] == 0
-    for name in ("decisions.ndjson", "claims.ndjson", "errors.ndjson"):
+    for name in ("decisions.ndjson", "claims.ndjson", "errors.ndjson", "review.csv"):
         assert (tmp_path / "bulk" / name).read_bytes() == (tmp_path / "files" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "bulk").iterdir()) == [".g0129-lock", "claims.ndjson", "decisions.ndjson", "errors.ndjson"], "the download is gone"
+    assert sorted(p.name for p in (tmp_path / "bulk").iterdir()) == [
+        ".g0129-lock", "claims.ndjson", "decisions.ndjson", "errors.ndjson", "review.csv"
+    ], "the download is gone"
 
 
 def test_replay_reports_the_exports_errors_and_exits_1(ehr: respx.MockRouter, tmp_path: Path) -> None:

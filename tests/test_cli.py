@@ -42,11 +42,11 @@ def _bad_inputs(folder: Path) -> None:
     (folder / "export.ndjson").write_bytes(bad_line)
 
 
-def test_replay_writes_the_three_files_and_a_summary(tmp_path: Path) -> None:
+def test_replay_writes_the_four_files_and_a_summary(tmp_path: Path) -> None:
     code, out, err = run("replay", str(GOOD), "--out", str(tmp_path))
     assert code == 0, err
     # Beside the outputs only the hidden lock of the directory (`.g0129-lock`).
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".g0129-lock", "claims.ndjson", "decisions.ndjson", "errors.ndjson"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".g0129-lock", "claims.ndjson", "decisions.ndjson", "errors.ndjson", "review.csv"]
     decision = orjson.loads((tmp_path / "decisions.ndjson").read_bytes())
     assert decision["encounter"] == "Encounter/php01-enc" and decision["outcome"] == "bill"
     assert "outcomes: bill 1, review 0, do-not-bill 0" in out
@@ -123,7 +123,7 @@ def test_failed_run_keeps_the_previous_output(tmp_path: Path) -> None:
     broken = _broken_tables(tmp_path / "mappings")
     assert run("--mappings", str(broken), "replay", str(GOOD), "--out", str(tmp_path))[0] == 2
     assert (tmp_path / "decisions.ndjson").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and not p.name.startswith(".")) == ["claims.ndjson", "decisions.ndjson", "errors.ndjson"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file() and not p.name.startswith(".")) == ["claims.ndjson", "decisions.ndjson", "errors.ndjson", "review.csv"]
     assert not list(tmp_path.glob(".g0129-run-*")), "no run directory left behind"
 
 

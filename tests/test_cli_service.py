@@ -10,14 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import respx
 
 from adapter.cli import main
 
@@ -51,14 +49,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeFHIR]:
-    server = FakeFHIR(BASE)
-    with respx.mock(assert_all_called=False) as mock:
-        mock.route(host="fhir.test").mock(side_effect=server)
-        yield server
 
 
 class Server:
@@ -154,9 +144,11 @@ def test_queue_retry_and_purge(env: dict[str, str]) -> None:
 def test_subscribe_is_idempotent(env: dict[str, str], fake: FakeFHIR) -> None:
     code, out, err = run("subscribe", "--endpoint", "http://adapter:8000/notify", "--wait", "0")
     assert code == 0, err
-    assert out.count(": created") == 3
+    assert out.count(": created") == 4
     subs = {s["id"]: s for s in fake.all("Subscription")}
-    assert set(subs) == {"g0129-encounter", "g0129-procedure", "g0129-claim"}
+    assert set(subs) == {"g0129-encounter", "g0129-procedure", "g0129-claim", "g0129-task"}
+    # A person's answer notifies us; the Tasks we write (requested, cancelled) do not.
+    assert subs["g0129-task"]["criteria"] == "Task?code=https://g0129-adapter.org/fhir/CodeSystem/task-codes|review&status=completed"
     claim = subs["g0129-claim"]
     assert claim["criteria"] == "Claim?_tag:not=https://g0129-adapter.org/fhir/CodeSystem/tags|annotated"
     assert claim["channel"] == {
@@ -164,10 +156,10 @@ def test_subscribe_is_idempotent(env: dict[str, str], fake: FakeFHIR) -> None:
         "header": [f"Authorization: Bearer {TOKEN}"], "payload": "application/fhir+json",
     }
     code, out, _ = run("subscribe", "--endpoint", "http://adapter:8000/notify", "--wait", "0")
-    assert out.count(": unchanged") == 3 and len(fake.all("Subscription")) == 3
+    assert out.count(": unchanged") == 4 and len(fake.all("Subscription")) == 4
     assert all(len(h) == 1 for (t, _), h in fake.store.items() if t == "Subscription")
     code, out, _ = run("subscribe", "--endpoint", "http://adapter2:8000/notify", "--wait", "0")
-    assert out.count(": updated") == 3
+    assert out.count(": updated") == 4
 
 
 def test_subscribe_reports_subscriptions_that_stay_requested(env: dict[str, str], fake: FakeFHIR) -> None:

@@ -33,13 +33,17 @@ from adapter import jsonio
 from adapter.ingest import load_paths
 from adapter.pipeline import evaluate
 from adapter.ruleset import load_ruleset
-from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, ehr_view
+from adapter.vocabulary import DECISION_EXTENSION, DRAFT_IDENTIFIER_SYSTEM, TAG_SYSTEM, TASK_IDENTIFIER_SYSTEM, ehr_view
 
 from .conftest import FIXTURES, ROOT, annotated, php_day_transaction, wait_for
 from .fakefhir import rewrite_references
 
 HAPI = os.environ.get("G0129_E2E_FHIR_BASE", "http://127.0.0.1:8080/fhir")
 TOKEN = "e2e-webhook-token"
+# The billing team the review Tasks are assigned to (G0129_REVIEW_OWNER); made on HAPI first,
+# since HAPI refuses a reference to a resource it does not have.
+OWNER = "Organization/e2e-billing-team"
+TEMPLATE = FIXTURES / "01-medicare-php-hospital.json"
 
 
 def _hapi_up() -> bool:
@@ -122,6 +126,7 @@ class Adapter:
             "G0129_WEBHOOK_TOKEN": TOKEN,
             "G0129_DATA_DIR": str(data_dir),
             "G0129_CATCHUP_INTERVAL": "10",
+            "G0129_REVIEW_OWNER": OWNER,
         }
         self.log = data_dir.parent / "adapter.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -177,6 +182,8 @@ def proxy() -> Iterator[Proxy]:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[tuple[Adapter, subprocess.CompletedProcess[str]]]:
     data = tmp_path_factory.mktemp("adapter") / "data"
+    team = {"resourceType": "Organization", "id": OWNER.split("/")[1], "active": True, "name": "Billing office (G0129 review)"}
+    assert fhir.put(f"/{OWNER}", content=orjson.dumps(team)).status_code in (200, 201)
     a = Adapter(data, proxy.base)
     a.start()
     subscribed = g0129(
@@ -186,7 +193,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory, proxy: Proxy) -> Iterator[
     yield a, subscribed
     a.stop()
     # A Subscription left pointing at a closed port fills HAPI's log with failed deliveries.
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         fhir.delete(f"/Subscription/g0129-{rtype}")
 
 
@@ -238,13 +245,13 @@ def g0129_lines(c: dict[str, Any]) -> list[dict[str, Any]]:
 def test_subscribe_makes_active_subscriptions(adapter: tuple[Adapter, Any]) -> None:
     _, subscribed = adapter
     assert subscribed.returncode == 0, subscribed.stdout + subscribed.stderr
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         sub = fhir.get(f"/Subscription/g0129-{rtype}").json()
         assert sub["status"] == "active"
         assert sub["channel"]["header"] == [f"Authorization: Bearer {TOKEN}"]
     again = g0129("subscribe", "--endpoint", f"{adapter[0].url}/notify", "--fhir-base", HAPI, "--wait", "30",
                   env={"G0129_WEBHOOK_TOKEN": TOKEN})
-    assert again.stdout.count(": unchanged, active") == 3
+    assert again.stdout.count(": unchanged, active") == 4
 
 
 def test_php_day_is_annotated_once_and_does_not_loop(adapter: tuple[Adapter, Any]) -> None:
@@ -307,7 +314,53 @@ def test_session_without_end_time_is_review_and_the_service_keeps_running(adapte
     decision = decision_of(c, f"Encounter/{prefix}-enc")
     assert decision["outcome"] == "review" and "SESSION-TIMES" in decision["rules"]
     assert g0129_lines(c) == []
+    # A person is asked: one Task for the Claim, written with it, for the billing team.
+    tasks = fhir.get("/Task", params={"identifier": f"{TASK_IDENTIFIER_SYSTEM}|Claim/{prefix}-claim"}).json()
+    assert tasks["total"] == 1
+    task = tasks["entry"][0]["resource"]
+    assert (task["status"], task["focus"], task["for"], task["owner"]) == (
+        "requested", {"reference": f"Claim/{prefix}-claim"}, {"reference": f"Patient/{prefix}-pat"}, {"reference": OWNER}
+    )
+    assert [c["code"] for c in task["reasonCode"]["coding"]] == ["SESSION-TIMES"]
+    assert validation_errors(task) == []
     assert a.alive()
+
+
+def test_a_biller_approves_a_review_and_the_claim_is_billed(adapter: tuple[Adapter, Any]) -> None:
+    def coverage_ended(r: dict[str, dict[str, Any]]) -> None:
+        r["cov"]["period"] = {"start": "2024-01-01", "end": "2025-02-28"}  # before the session
+
+    prefix, bundle = php_day(coverage_ended)
+    post_transaction(bundle)
+    c = wait_annotated(prefix)
+    assert decision_of(c, f"Encounter/{prefix}-enc")["outcome"] == "review" and g0129_lines(c) == []
+    search = {"identifier": f"{TASK_IDENTIFIER_SYSTEM}|Claim/{prefix}-claim"}
+    task = fhir.get("/Task", params=search).json()["entry"][0]["resource"]
+    assert task["status"] == "requested" and [c["code"] for c in task["reasonCode"]["coding"]] == ["COVERAGE"]
+
+    # A biller approves it on the FHIR server, as an EHR's worklist would: HAPI notifies us.
+    biller = {"resourceType": "Practitioner", "id": f"{prefix}-biller", "name": [{"family": "Biller", "given": ["Dana"]}]}
+    assert fhir.put(f"/Practitioner/{prefix}-biller", content=orjson.dumps(biller)).status_code == 201
+    answer = {"system": "https://g0129-adapter.org/fhir/CodeSystem/task-codes"}
+    task |= {
+        "status": "completed",
+        "owner": {"reference": f"Practitioner/{prefix}-biller", "display": "Dana Biller"},
+        "executionPeriod": {"end": "2026-11-28T10:00:00Z"},
+        "output": [{"type": {"coding": [answer | {"code": "answer"}]}, "valueCodeableConcept": {"coding": [answer | {"code": "approve"}]}}],
+    }
+    r = fhir.put(f"/Task/{task['id']}", content=orjson.dumps(task))
+    assert r.status_code == 200, r.text
+    c = wait_for("the approved Claim billed", lambda: (lambda c: c if g0129_lines(c) else None)(claim(prefix)), 60)
+    decision = decision_of(c, f"Encounter/{prefix}-enc")
+    assert decision["outcome"] == "bill" and "REVIEW" in decision["rules"]
+    assert [(l["quantity"]["value"], l["servicedDate"]) for l in g0129_lines(c)] == [(1, "2025-03-04")]
+    time.sleep(5)  # any echo of our write
+    done = fhir.get(f"/Task/{task['id']}").json()
+    assert (done["status"], done["meta"]["versionId"]) == ("completed", "2"), "the biller's Task was left as it was"
+    provenance = fhir.get("/Provenance", params={"target": f"Claim/{prefix}-claim", "_sort": "-_lastUpdated"}).json()["entry"][0]["resource"]
+    assert f"Task/{task['id']}/_history/2" in [e["what"]["reference"] for e in provenance["entity"]]
+    assert {"reference": f"Practitioner/{prefix}-biller", "display": "Dana Biller"} in [a["who"] for a in provenance["agent"]]
+    assert [e for r in (c, done, provenance) for e in validation_errors(r)] == []
 
 
 def test_catch_up_after_downtime_processes_every_encounter_once(adapter: tuple[Adapter, Any]) -> None:
@@ -373,6 +426,24 @@ def _ehr_part(c: dict[str, Any]) -> bytes:
     return jsonio.dumps(view, option=orjson.OPT_SORT_KEYS)
 
 
+def validation_errors(resource: dict[str, Any]) -> list[str]:
+    """What HAPI's `$validate` finds wrong with a resource (severity error or fatal), against
+    the R4 base and our published definitions (scripts/fhir-server loads conformance/)."""
+    outcome = fhir.post(f"/{resource['resourceType']}/$validate", content=jsonio.dumps(resource)).json()
+    return [
+        f"{resource['resourceType']}/{resource.get('id')}: {i.get('diagnostics')} at {i.get('expression')}"
+        for i in outcome.get("issue", [])
+        if i["severity"] in ("error", "fatal")
+    ]
+
+
+def ours(rtype: str) -> list[dict[str, Any]]:
+    """Every resource of a type on HAPI that carries our tag: what the adapter wrote."""
+    bundle = fhir.get(f"/{rtype}", params={"_tag": f"{TAG_SYSTEM}|annotated", "_count": "1000"}).json()
+    assert "next" not in {link["relation"] for link in bundle.get("link", [])}
+    return [jsonio.loads(jsonio.dumps(e["resource"])) for e in bundle.get("entry", [])]
+
+
 def _version(key: str, version: str) -> dict[str, Any]:
     return jsonio.loads(fhir.get(f"/{key}/_history/{version}").content)  # type: ignore[no-any-return]
 
@@ -436,13 +507,13 @@ def test_the_sidecar_writes_what_replay_writes_once_per_claim(adapter: tuple[Ada
 def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -> None:
     a, _ = adapter
     a.stop()  # replay alone writes here: no notification-driven annotation on the side
-    for rtype in ("encounter", "procedure", "claim"):
+    for rtype in ("encounter", "procedure", "claim", "task"):
         fhir.delete(f"/Subscription/g0129-{rtype}")
     # fixtures/ holds valid input only (HAPI would refuse fixtures-invalid/, as any FHIR server would).
     for path in sorted(FIXTURES.iterdir()):
         if path.suffix in (".json", ".ndjson") and ".expected." not in path.name:
             post_transaction(_fixture_transaction(path))
-    done = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    done = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI, env={"G0129_REVIEW_OWNER": OWNER})
     assert done.returncode == 0, done.stdout + done.stderr
     decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
     for d in decisions:
@@ -460,8 +531,21 @@ def test_replay_fixtures_to_hapi(adapter: tuple[Adapter, Any], tmp_path: Path) -
     written = jsonio.loads(fhir.get("/Claim/php59-claim").content)
     assert int(written["meta"]["versionId"]) >= 2
     assert _ehr_part(written) == _ehr_part(_version("Claim/php59-claim", str(int(written["meta"]["versionId"]) - 1)))
-    again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI)
+    again = g0129("replay", str(FIXTURES), "--out", str(tmp_path), "--fhir-base", HAPI, env={"G0129_REVIEW_OWNER": OWNER})
     assert again.returncode == 0 and ": updated" not in again.stdout and ": created" not in again.stdout
+    # Everything the adapter wrote here (and in the tests before) is valid against R4 and our
+    # published definitions: zero errors from HAPI's validator.
+    written = {rtype: ours(rtype) for rtype in ("Claim", "Provenance", "Task")}
+    assert len(written["Claim"]) >= len({d["claim"] or d["encounter"] for d in decisions})
+    assert len(written["Provenance"]) >= len(written["Claim"])
+    # A review Task for each EHR Claim under review, which the fixtures' load has just put back as
+    # the EHR wrote it (a draft of ours a run against the same HAPI annotated before is unchanged
+    # now, so its Task is what that run wrote: tests/test_parity.py checks drafts' Tasks).
+    for key in {d["claim"] for d in decisions if d["outcome"] == "review" and d["claim"]}:
+        tasks = fhir.get("/Task", params={"identifier": f"{TASK_IDENTIFIER_SYSTEM}|{key}"}).json()
+        assert tasks["total"] == 1, key
+        assert tasks["entry"][0]["resource"]["focus"] == {"reference": key}
+    assert [e for resources in written.values() for r in resources for e in validation_errors(r)] == []
 
 
 # -- Bulk Data export as replay's input ----------------------------------------------------------

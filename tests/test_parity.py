@@ -27,12 +27,13 @@ from adapter.metrics import Metrics
 from adapter.queue import JobQueue
 from adapter.retry import RetryPolicy
 from adapter.ruleset import RuleSet
+from adapter.review import task_key
 from adapter.vocabulary import DRAFT_IDENTIFIER_SYSTEM
 from adapter.worker import RESOURCE, Worker
 
 from .conftest import AUTH, SCENARIO_DIRS, serve
 from .fakefhir import FakeFHIR, rewrite_references
-from .golden import claims_by_fixture
+from .golden import TASK_OWNER, claims_by_fixture, tasks_by_fixture
 
 BASE = "http://fhir.test/fhir"
 SCENARIOS = sorted(p for d in SCENARIO_DIRS for p in d.iterdir() if p.suffix in (".json", ".ndjson") and ".expected." not in p.name)
@@ -45,6 +46,22 @@ async def _no_sleep(_: float) -> None:
 @pytest.fixture(scope="module")
 def replayed() -> dict[Path, list[dict[str, Any]]]:
     return claims_by_fixture()
+
+
+@pytest.fixture(scope="module")
+def golden_tasks() -> dict[Path, list[dict[str, Any]]]:
+    return tasks_by_fixture()
+
+
+def _task_comparable(task: dict[str, Any], fake: FakeFHIR | None = None) -> dict[str, Any]:
+    """A review Task less what the write changes: its server id and versions, its lastModified,
+    and its focus, which on the server names the Claim the server holds (checked against the
+    identifier here: a draft has the server's id)."""
+    if fake is not None:
+        claim = fake.current(*task["focus"]["reference"].split("/"))
+        assert claim is not None and task_key(task["focus"]["reference"], claim) == task["identifier"][0]["value"]
+    out = {k: v for k, v in task.items() if k not in ("id", "meta", "lastModified", "focus")}
+    return out | {"meta": {k: v for k, v in task["meta"].items() if k not in ("versionId", "lastUpdated")}}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +96,7 @@ def worker_for(tmp_path: Path, ruleset: RuleSet) -> Iterator[Any]:
     def make(fake: FakeFHIR) -> Worker:
         queue = JobQueue(tmp_path / f"queue{len(made)}.sqlite3")
         client = FHIRClient(BASE, retry=RetryPolicy(max_attempts=2), sleep=_no_sleep, transport=httpx.MockTransport(fake))
-        worker = Worker(queue, client, ruleset, Metrics(queue.counts))
+        worker = Worker(queue, client, ruleset, Metrics(queue.counts), review_owner=TASK_OWNER)
         made.append((worker, client, queue))
         return worker
 
@@ -91,10 +108,15 @@ def worker_for(tmp_path: Path, ruleset: RuleSet) -> Iterator[Any]:
 
 @pytest.mark.parametrize("fixture", SCENARIOS, ids=lambda p: p.name.split(".")[0])
 def test_replay_and_the_worker_decide_and_write_alike(
-    fixture: Path, replayed: dict[Path, list[dict[str, Any]]], replay_decisions: dict[str, dict[str, Any]], worker_for: Any
+    fixture: Path,
+    replayed: dict[Path, list[dict[str, Any]]],
+    replay_decisions: dict[str, dict[str, Any]],
+    golden_tasks: dict[Path, list[dict[str, Any]]],
+    worker_for: Any,
 ) -> None:
     fake = FakeFHIR(BASE)
     rewrites = fake.load_file(fixture)
+    answered = {t["id"] for t in fake.all("Task")}  # a person's answers in the input: read, never written
     worker = worker_for(fake)
     encounters = sorted(r["id"] for r in fake.all("Encounter"))
     for encounter_id in encounters:  # one notification per encounter, as the EHR sends them
@@ -128,6 +150,16 @@ def test_replay_and_the_worker_decide_and_write_alike(
     annotated = [c for c in fake.all("Claim") if c.get("meta", {}).get("tag")]
     assert sorted(jsonio.dumps(_comparable(c), option=orjson.OPT_SORT_KEYS) for c in annotated) == sorted(
         jsonio.dumps(c, option=orjson.OPT_SORT_KEYS) for c in want_claims
+    )
+
+    # The review Tasks the golden file holds, one per Claim under review, in its transaction.
+    want_tasks = [_task_comparable(rewrite_references(t, rewrites)) for t in golden_tasks.get(fixture.resolve(), [])]
+    written_tasks = [t for t in fake.all("Task") if t["id"] not in answered]
+    assert sorted(map(orjson.dumps, (_task_comparable(t, fake) for t in written_tasks))) == sorted(map(orjson.dumps, want_tasks))
+    assert all(fake.current("Task", i)["meta"]["versionId"] == "1" for i in answered)
+    assert all(
+        [e["resource"]["resourceType"] for e in bundle["entry"]] in (["Claim", "Provenance"], ["Claim", "Task", "Provenance"])
+        for bundle in _transactions(fake)
     )
 
     # Deciding it all again writes nothing.

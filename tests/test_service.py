@@ -32,14 +32,6 @@ INVALID_STATUS = INVALID_FIXTURES / "56-invalid-procedure-status.json"
 FUZZ_EXAMPLES = 200
 
 
-@pytest.fixture
-def fake() -> Any:
-    server = FakeFHIR(BASE)
-    with respx.mock(assert_all_called=False) as mock:
-        mock.route(host="fhir.test").mock(side_effect=server)
-        yield server
-
-
 def claim(version: str = "4") -> dict[str, Any]:
     return {"resourceType": "Claim", "id": "c9", "meta": {"versionId": version}, "status": "active"}
 

@@ -54,6 +54,9 @@ def test_reads_every_variable() -> None:
             "G0129_DEAD_LETTER_ATTEMPTS": "3",
             "G0129_CATCHUP_INTERVAL": "15",
             "G0129_MAPPINGS_DIR": "/etc/g0129/mappings",
+            "G0129_REVIEW_OWNER": "Organization/billing-team",
+            "G0129_UI_PASSWORD": "page-secret",
+            "G0129_UI_USER_HEADER": "X-Forwarded-User",
         }
     )
 
@@ -75,6 +78,9 @@ def test_reads_every_variable() -> None:
     assert settings.dead_letter_attempts == 3
     assert settings.catchup_interval == 15.0
     assert settings.mappings_dir == Path("/etc/g0129/mappings")
+    assert settings.review_owner == "Organization/billing-team"
+    assert (settings.ui_password, settings.ui_user_header) == ("page-secret", "X-Forwarded-User")
+    assert "page-secret" not in repr(settings)
 
 
 def test_logs_are_json_at_info_unless_told() -> None:
@@ -152,3 +158,9 @@ def test_the_database_url_is_sqlite_or_postgresql() -> None:
         Settings.from_env({"G0129_DATABASE_URL": "mysql://u:secret@db/g0129"})
     assert "secret" not in str(error.value)
     assert "pw" not in repr(Settings.from_env({"G0129_DATABASE_URL": "postgresql://g0129:pw@db/g0129"}))
+
+
+@pytest.mark.parametrize("value", ["billing-team", "Group/billing", "Organization/", "https://ehr.example/Organization/1", "Organization/a b"])
+def test_the_review_owner_is_a_reference_r4_task_accepts(value: str) -> None:
+    with pytest.raises(UsageError, match="G0129_REVIEW_OWNER must be a reference Type/id"):
+        Settings.from_env({"G0129_REVIEW_OWNER": value})
