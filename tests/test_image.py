@@ -238,6 +238,9 @@ def compose() -> Iterator[Compose]:
         assert result.returncode == 0, f"podman-compose {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
 
     services: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE_FILES[0].read_text(encoding="utf-8"))["services"]
+    # What `up` runs with no --profile: the services that belong to no profile (PostgreSQL, for
+    # replicas, is asked for with --profile postgres).
+    services = {name: s for name, s in services.items() if not s.get("profiles")}
     containers: dict[str, str] = {}
     exit_codes: dict[str, int] = {}
     try:
