@@ -93,7 +93,7 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 class _Progress:
-    """One progress bar at a time on stderr (reading, deciding, validating), cleared when done.
+    """One progress bar at a time on stderr (reading, deciding), cleared when done.
 
     Only on a terminal: never a byte of it in a pipe or a file, where it would be noise in a log.
     """
