@@ -191,14 +191,14 @@ def _stream(
     `may_be_empty`: no resource at all is no usage error (an incremental export with nothing new);
     `errors`: input errors met before (a Bulk export's error files), reported first."""
     progress.start("reading", sum(_size(f) for f in files), "B", in_bytes=True)
-    plan = replay_.plan(files, scratch, args.shard, args.max_file_bytes, progress.advance)
+    workers = 1 if on_decided is not None else args.workers
+    plan = replay_.plan(files, scratch, args.shard, args.max_file_bytes, progress.advance, workers)
     totals = _Run(files=plan.files, resources=len(plan.shared))
     _errors([*errors, *plan.errors], totals, write, stderr)
     if not any(plan.spill.sizes) and not len(plan.shared) and not plan.errors and not may_be_empty:
         names = ", ".join(str(p) for p in args.paths)
         raise UsageError(f"no FHIR resources in {names} ({plan.files} file(s) read, each empty or an empty Bundle)")
     progress.start("deciding", plan.encounters, "encounter")
-    workers = 1 if on_decided is not None else args.workers
     for part in replay_.run(plan, rules, args.validation, workers, on_decided):
         write("decisions", part.decisions)
         write("claims", part.claims)
@@ -248,8 +248,6 @@ def _check_base_url(url: str, option: str = "--fhir-base") -> None:
 
 
 def _check_bulk_args(args: argparse.Namespace) -> None:
-    from .bulk import check_group, check_instant
-
     if args.bulk_export is None:
         for option, value in (("--since", args.since), ("--group", args.group)):
             if value is not None:
@@ -258,6 +256,8 @@ def _check_bulk_args(args: argparse.Namespace) -> None:
             raise UsageError("say what to replay: PATH... (files or directories), or --bulk-export URL")
         return
     _check_base_url(args.bulk_export, "--bulk-export")
+    from .bulk import check_group, check_instant  # the HTTP stack, for this command only
+
     if args.since is not None:
         check_instant(args.since)
     if args.group is not None:

@@ -31,7 +31,9 @@ __all__ = [
     "load_file",
     "load_paths",
     "iter_input_files",
+    "ndjson_spans",
     "read_file",
+    "Span",
     "type_id_tail",
 ]
 
@@ -42,6 +44,8 @@ NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 # How often (in bytes) NDJSON reading reports progress: often enough to move a display, seldom
 # enough to cost nothing next to parsing.
 _REPORT_EVERY = 1 << 16
+# How much of a file `ndjson_spans` looks at at once.
+_SCAN_BYTES = 1 << 20
 
 
 class Entry:
@@ -285,12 +289,13 @@ def _ndjson_values(
     on_bytes: Callable[[int], None] | None,
     pending: int = 0,
     exact: bool = True,
+    first_line: int = 1,
 ) -> Iterator[Value | InputError]:
     """The JSON value of each NDJSON line (an int stands for a line too long to read, of that
-    length). With `exact=False` decimals are read as floats: for a reader that only looks at
-    references and keeps the line's bytes (`Value.raw`)."""
+    length), the first being line `first_line` of the file. With `exact=False` decimals are read
+    as floats: for a reader that only looks at references and keeps the line's bytes (`Value.raw`)."""
     parse = jsonio.loads if exact else orjson.loads
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(lines, start=first_line):
         pending += line if isinstance(line, int) else len(line)
         if on_bytes is not None and pending >= _REPORT_EVERY:
             on_bytes(pending)
@@ -340,13 +345,51 @@ def load_file(
     return _entries_of(read_file(path, max_bytes, on_bytes))
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Whole lines of an NDJSON file: bytes [start, end), the first being line `first_line`
+    (so an error names the line of the file, whichever part of it is being read)."""
+
+    start: int
+    end: int
+    first_line: int
+
+
+def ndjson_spans(path: Path, size: int) -> list[Span]:
+    """`path`'s lines cut into spans of about `size` bytes each, at line ends. Reads the file
+    once, counting lines as it goes: the line numbers of each span are known before any is read."""
+    spans: list[Span] = []
+    start, first_line = 0, 1  # the span being measured: its first byte and line
+    newlines = 0  # line ends met since `start`
+    offset = 0  # the file offset of `block[0]`
+    with open(path, "rb") as fh:
+        while block := fh.read(_SCAN_BYTES):
+            at = 0
+            while (want := start + size - offset) < len(block):
+                cut = block.find(b"\n", max(want, at))
+                if cut < 0:
+                    break
+                newlines += block.count(b"\n", at, cut + 1)
+                spans.append(Span(start, offset + cut + 1, first_line))
+                start, first_line, newlines, at = offset + cut + 1, first_line + newlines, 0, cut + 1
+            newlines += block.count(b"\n", at)
+            offset += len(block)
+    if offset > start or not spans:
+        spans.append(Span(start, offset, first_line))
+    return spans
+
+
 def read_file(
-    path: Path, max_bytes: int = DEFAULT_MAX_FILE_BYTES, on_bytes: Callable[[int], None] | None = None, exact: bool = True
+    path: Path,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    on_bytes: Callable[[int], None] | None = None,
+    exact: bool = True,
+    span: Span | None = None,
 ) -> Iterator[Value | InputError]:
     """The JSON values of one input file, one by one. Only a regular file is read (a FIFO would
     hang the run, a device such as /dev/zero never ends); a JSON document over `max_bytes` is
     refused before it is read; NDJSON is read line by line, however large, each line up to
-    `max_bytes` (see `_ndjson_values` for `exact`)."""
+    `max_bytes` (see `_ndjson_values` for `exact`), and only the lines of `span` when given."""
     source = str(path)
     try:
         info = os.stat(path)
@@ -355,7 +398,13 @@ def read_file(
             return
         if path.suffix in NDJSON_SUFFIXES:
             with open(path, "rb") as fh:
-                yield from _ndjson_values(_bounded_lines(fh, max_bytes), source, on_bytes, exact=exact)
+                if span is None:
+                    lines = _bounded_lines(fh, max_bytes)
+                    yield from _ndjson_values(lines, source, on_bytes, exact=exact)
+                else:
+                    fh.seek(span.start)
+                    lines = _bounded_lines(fh, max_bytes, span.end - span.start)
+                    yield from _ndjson_values(lines, source, on_bytes, exact=exact, first_line=span.first_line)
             return
         if info.st_size > max_bytes:
             yield InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)
@@ -371,10 +420,11 @@ def read_file(
     yield _json_value(data, source, on_bytes)
 
 
-def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | int]:
-    """Each line of `fh`, or for a line over `max_bytes` its length (the line itself is skipped
-    without being held in memory)."""
-    while True:
+def _bounded_lines(fh: IO[bytes], max_bytes: int, limit: int | None = None) -> Iterator[bytes | int]:
+    """Each line of `fh` (up to `limit` bytes of it, ending at a line end), or for a line over
+    `max_bytes` its length (the line itself is skipped without being held in memory)."""
+    left = limit
+    while left is None or left > 0:
         line = fh.readline(max_bytes + 1)
         if not line:
             return
@@ -385,8 +435,12 @@ def _bounded_lines(fh: IO[bytes], max_bytes: int) -> Iterator[bytes | int]:
                 skipped += len(rest)
                 if not rest or rest.endswith(b"\n"):
                     break
+            if left is not None:
+                left -= skipped
             yield skipped
             continue
+        if left is not None:
+            left -= len(line)
         yield line
 
 

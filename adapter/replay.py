@@ -13,31 +13,38 @@ its own resources on top of the shared ones.
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import os
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from . import jsonio
 from .compartment import SHARED, patient_key, route
 from .errors import InputError
-from .ingest import DEFAULT_MAX_FILE_BYTES, Entry, Index, Value, load_value, read_file
+from .ingest import DEFAULT_MAX_FILE_BYTES, NDJSON_SUFFIXES, Entry, Index, Span, Value, load_value, ndjson_spans, read_file
 from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
 from .ruleset import RuleSet
 from .sinks import error_record
-from .spill import Spill, bucket
+from .spill import Spill, bucket, record
 
-__all__ = ["Part", "Plan", "Shard", "decide", "part_of", "plan", "run", "workers_default"]
+__all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "plan", "route_piece", "run", "workers_default"]
 
 # A partition's share of the input: its resources, parsed, take ~10x this in memory.
 PARTITION_BYTES = 4 << 20
 MAX_PARTITIONS = 4096
+# What one routing task reads: large enough that a task's overhead is nothing, small enough
+# that a big export's files keep every worker busy.
+PIECE_BYTES = 8 << 20
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,37 +87,99 @@ def plan(
     shard: Shard = Shard(),
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     on_bytes: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> Plan:
     """Read every input once, spilling each resource of this shard to its partition in
     `directory` and keeping the shared ones in memory.
+
+    The inputs are cut into pieces (a JSON file, or about `PIECE_BYTES` of an NDJSON file's
+    lines), routed by `workers` processes and taken back in input order: every partition gets
+    its resources in the order they were read, whatever the number of workers.
 
     An input error is kept by one shard only (by the hash of where it is), so N shards report
     each bad line once between them.
     """
     files = list(files)
-    total = sum(_size(f) for f in files)
-    partitions = max(1, min(MAX_PARTITIONS, -(-total // (PARTITION_BYTES * shard.count))))
+    sizes = [_size(f) for f in files]
+    partitions = max(1, min(MAX_PARTITIONS, -(-sum(sizes) // (PARTITION_BYTES * shard.count))))
     spill = Spill(directory, partitions)
     shared = Index()
     errors: list[InputError] = []
     encounters = 0
-    for path in files:
-        for value in read_file(path, max_file_bytes, on_bytes, exact=False):
-            found, errs = _resources(value)
-            errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
-            local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url}
-            for entry, raw in found:
-                key = route(entry, local)
-                if key == SHARED:
-                    shared.add(entry if raw is None else Entry(jsonio.loads(raw), entry.source, entry.full_url))
-                    continue
-                part_shard, partition = bucket(key or "", shard.count, partitions)
-                if part_shard != shard.index:
-                    continue
-                encounters += entry.type == "Encounter"
-                spill.add(partition, entry.source, entry.full_url, raw if raw is not None else jsonio.dumps(entry.resource))
+    pieces = [Piece(path, span) for path, size in zip(files, sizes) for span in _spans(path, size)]
+    route = functools.partial(route_piece, partitions=partitions, shard=shard, max_file_bytes=max_file_bytes)
+    for routed in _in_order(route, pieces, workers):
+        for partition, records in routed.records.items():
+            spill.append(partition, records)
+        for source, full_url, raw in routed.shared:
+            shared.add(Entry(jsonio.loads(raw), source, full_url))
+        errors.extend(routed.errors)
+        encounters += routed.encounters
+        if on_bytes is not None:
+            on_bytes(routed.size)
     spill.flush()
     return Plan(shared, spill, errors, len(files), encounters)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """What one routing task reads: a file, or a span of an NDJSON file's lines."""
+
+    path: Path
+    span: Span | None = None
+
+    @property
+    def size(self) -> int:
+        return _size(self.path) if self.span is None else self.span.end - self.span.start
+
+
+@dataclass
+class Routed:
+    """One piece routed: its records for each partition (in the order read), the shared
+    resources it holds, its input errors for this shard."""
+
+    records: dict[int, bytes]
+    shared: list[tuple[str, str | None, bytes]]  # (source, fullUrl, JSON)
+    errors: list[InputError]
+    encounters: int
+    size: int
+
+
+def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int) -> Routed:
+    """Route the resources of one piece of input to their partitions (see `plan`)."""
+    records: dict[int, bytearray] = {}
+    shared: list[tuple[str, str | None, bytes]] = []
+    errors: list[InputError] = []
+    encounters = 0
+    for value in read_file(piece.path, max_file_bytes, exact=False, span=piece.span):
+        found, errs = _resources(value)
+        errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
+        local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url}
+        for entry, raw in found:
+            data = raw if raw is not None else jsonio.dumps(entry.resource)
+            key = route(entry, local)
+            if key == SHARED:
+                shared.append((entry.source, entry.full_url, data))
+                continue
+            part_shard, partition = bucket(key or "", shard.count, partitions)
+            if part_shard != shard.index:
+                continue
+            encounters += entry.type == "Encounter"
+            block = records.get(partition)
+            if block is None:
+                block = records[partition] = bytearray()
+            block += record(entry.source, entry.full_url, data)
+    return Routed({p: bytes(b) for p, b in records.items()}, shared, errors, encounters, piece.size)
+
+
+def _spans(path: Path, size: int) -> list[Span | None]:
+    """The pieces of one input file: an NDJSON file over `PIECE_BYTES` is cut at line ends."""
+    if size <= PIECE_BYTES or path.suffix not in NDJSON_SUFFIXES:
+        return [None]
+    try:
+        return list(ndjson_spans(path, PIECE_BYTES))
+    except OSError:
+        return [None]  # an input error when it is read
 
 
 def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | None]], list[InputError]]:
@@ -159,57 +228,54 @@ def run(
     that many processes (forked: they inherit the plan and the rules) and still come back in
     order. `on_decided(index, result)` sees each partition's full result, in this process
     (so only with one worker): `replay --fhir-base` writes its Claims from there."""
-    shared = len(plan.shared)
-    partitions = range(plan.spill.partitions)
+    if on_decided is not None and workers > 1:
+        raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
     # What lives for the whole run (modules, rule tables, the shared resources) is kept out of
     # the collector's way: each partition's collection then looks at that partition's objects.
     gc.collect()
     gc.freeze()
-    if workers <= 1 or plan.spill.partitions == 1:
-        for partition in partitions:
-            yield _without_gc(_decide_part, plan, partition, rules, validation, on_decided)
-        return
-    if on_decided is not None:
-        raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
     global _WORK
-    _WORK = (plan, rules, validation)
-    context = multiprocessing.get_context("fork")
+    _WORK = (plan, rules, validation, on_decided)
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            # A bounded window of partitions in flight: results come back in order, and at
-            # most this many wait in memory for an earlier one.
-            window = 2 * workers
-            pending: list[Future[Part]] = []
-            for partition in partitions:
-                pending.append(pool.submit(_decide_in_worker, partition))
-                if len(pending) >= window:
-                    yield pending.pop(0).result()
-            for future in pending:
-                yield future.result()
+        yield from _in_order(_decide_part, range(plan.spill.partitions), workers)
     finally:
         _WORK = None
 
 
-_WORK: tuple[Plan, RuleSet, Validation] | None = None  # what forked workers inherit
+# What `_decide_part` works on: set by `run` before workers are forked, so they inherit it.
+_WORK: tuple[Plan, RuleSet, Validation, Callable[[Index, RunResult], None] | None] | None = None
 
 
-def _decide_in_worker(partition: int) -> Part:
-    assert _WORK is not None, "set by run() before the workers are forked"
-    plan, rules, validation = _WORK
-    return _without_gc(_decide_part, plan, partition, rules, validation, None)
-
-
-def _decide_part(
-    plan: Plan, partition: int, rules: RuleSet, validation: Validation, on_decided: Callable[[Index, RunResult], None] | None
-) -> Part:
+def _decide_part(partition: int) -> Part:
+    assert _WORK is not None, "set by run()"
+    plan, rules, validation, on_decided = _WORK
     index, result = decide(plan, partition, rules, validation)
     if on_decided is not None:
         on_decided(index, result)
     return part_of(index, result, len(plan.shared))
 
 
-def _without_gc(function: Callable[..., Part], *args: Any) -> Part:
-    """`function(*args)` with no garbage collection while it runs, and one collection after.
+def _in_order(function: Callable[[_T], _R], items: Sequence[_T], workers: int) -> Iterator[_R]:
+    """`function(item)` for each item, in the items' order: in this process, or with `workers`
+    > 1 in that many forked processes (they inherit what this one holds, the arguments and
+    results travel pickled). At most a window of results waits for an earlier one."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield _without_gc(function, item)
+        return
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque[Future[_R]] = deque()
+        for item in items:
+            pending.append(pool.submit(_without_gc, function, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _without_gc(function: Callable[[_T], _R], item: _T) -> _R:
+    """`function(item)` with no garbage collection while it runs, and one collection after.
 
     Parsed FHIR JSON makes no reference cycles, so the collector finds nothing while a
     partition's heap grows, yet its passes over it cost ~15% of a replay. Once `function` has
@@ -218,7 +284,7 @@ def _without_gc(function: Callable[..., Part], *args: Any) -> Part:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return function(*args)
+        return function(item)
     finally:
         if enabled:
             gc.enable()

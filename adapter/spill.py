@@ -1,10 +1,11 @@
 """Resources spilled to disk in partitions, so a replay holds one partition in memory at a time.
 
 A routing pass appends each resource to the partition of its patient; a partition is then read
-back whole and decided. A record is two lines: a JSON header `[source, fullUrl]` and the
-resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written).
-Appends are buffered and written in large blocks: a million-encounter export spills ~10 GB
-through a few thousand files without holding more than the buffer.
+back whole and decided. A record (`record`) is two lines: a JSON header `[source, fullUrl]` and
+the resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written).
+Records are appended in blocks (one input piece's records for one partition), buffered and
+written in large writes: a million-encounter export spills ~10 GB through a few thousand files
+without holding more than the buffer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-__all__ = ["Spill", "bucket"]
+__all__ = ["Spill", "bucket", "record"]
 
 # Written out when the buffers of all partitions together pass this.
 _BUFFER_BYTES = 32 << 20
@@ -28,8 +29,13 @@ def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
     return h % shards, (h // shards) % partitions
 
 
+def record(source: str, full_url: str | None, resource: bytes) -> bytes:
+    """One resource as a partition holds it (`resource` is its JSON, with or without a line end)."""
+    return orjson.dumps([source, full_url]) + b"\n" + resource.rstrip(b"\r\n") + b"\n"
+
+
 class Spill:
-    """`partitions` files in `directory`, appended to by `add`, read back by `read`."""
+    """`partitions` files in `directory`, appended to by `append`, read back by `read`."""
 
     def __init__(self, directory: Path, partitions: int) -> None:
         self.directory = directory
@@ -41,14 +47,14 @@ class Spill:
     def path(self, partition: int) -> Path:
         return self.directory / f"part-{partition:05d}.spill"
 
-    def add(self, partition: int, source: str, full_url: str | None, resource: bytes) -> None:
-        record = orjson.dumps([source, full_url]) + b"\n" + resource.rstrip(b"\r\n") + b"\n"
+    def append(self, partition: int, records: bytes) -> None:
+        """Add `records` (made by `record`) at the end of `partition`."""
         buffer = self._buffers.get(partition)
         if buffer is None:
             buffer = self._buffers[partition] = bytearray()
-        buffer += record
-        self._buffered += len(record)
-        self.sizes[partition] += len(record)
+        buffer += records
+        self._buffered += len(records)
+        self.sizes[partition] += len(records)
         if self._buffered >= _BUFFER_BYTES:
             self.flush()
 

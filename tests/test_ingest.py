@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from adapter.errors import InvalidJSON, InvalidResource, NotFHIR
-from adapter.ingest import Entry, Index, load_bytes, load_paths
+from adapter.ingest import Entry, Index, load_bytes, load_paths, ndjson_spans, read_file
 
 
 def _index(*resources: dict, bundle: dict | None = None) -> tuple[Index, list[Entry]]:
@@ -124,3 +124,32 @@ def test_directories_are_walked_recursively_reading_only_fhir_files(tmp_path: Pa
 def test_bom_is_tolerated() -> None:
     entries, errors = load_bytes(b'\xef\xbb\xbf{"resourceType": "Patient", "id": "p"}', "bom.json")
     assert errors == [] and entries[0].id == "p"
+
+
+def _sources(values: list) -> list[tuple[str, object]]:
+    return [(v.source, v.value if hasattr(v, "value") else str(v)) for v in values]
+
+
+@pytest.mark.parametrize("size", [1, 40, 100, 10_000])
+def test_spans_of_an_ndjson_file_read_as_the_whole_file(tmp_path: Path, size: int) -> None:
+    # A BOM, a blank line, a malformed line, a line over the limit and a last line with no line
+    # end: read span by span, every value and error names the same line as read whole.
+    path = tmp_path / "Claim.ndjson"
+    lines = [
+        b'\xef\xbb\xbf{"resourceType":"Claim","id":"c1"}\n',
+        b"\n",
+        b'{"resourceType":"Claim","id":"c2","total":{"value":125.00}}\r\n',
+        b"{not json\n",
+        b'{"resourceType":"Claim","id":"' + b"x" * 300 + b'"}\n',
+        b'{"resourceType":"Claim","id":"c3"}',
+    ]
+    path.write_bytes(b"".join(lines))
+    spans = ndjson_spans(path, size)
+    assert spans[0].start == 0 and spans[-1].end == path.stat().st_size
+    assert all(a.end == b.start for a, b in zip(spans, spans[1:])), "the spans cover the file, in order"
+    data = path.read_bytes()
+    assert all(span.start == 0 or data[span.start - 1 : span.start] == b"\n" for span in spans), "cut at line ends"
+    whole = _sources(list(read_file(path, max_bytes=200)))
+    pieces = _sources([v for span in spans for v in read_file(path, max_bytes=200, span=span)])
+    assert pieces == whole
+    assert [s for s, _ in whole] == [f"{path}:{n}" for n in (1, 3, 4, 5, 6)]

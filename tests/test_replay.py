@@ -83,6 +83,24 @@ def test_a_bulk_export_decides_as_its_bundles(tmp_path: Path, small_partitions) 
     assert lines(from_export)["claims"] == lines(from_bundles)["claims"]
 
 
+def test_ndjson_cut_into_pieces_routes_as_read_whole(tmp_path: Path, small_partitions, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pieces of ~2 KB: each export file is routed by several tasks (two processes with
+    # --workers 2), and still every partition holds its records in the order read and every
+    # error names its line of the file.
+    bundles = [p for p in sorted(FIXTURES.glob("*.json")) if ".expected." not in p.name and b"urn:uuid:" not in p.read_bytes()]
+    export = tmp_path / "export"
+    _bulk_export(bundles, export)
+    claims = (export / "Claim.ndjson").read_bytes().splitlines(keepends=True)
+    (export / "Claim.ndjson").write_bytes(b"".join([*claims[:5], b'{"resourceType": "Claim", "id": \n', *claims[5:]]))
+    _, whole = replay(tmp_path / "whole", str(export), "--workers", "1")
+    assert orjson.loads(whole["errors"])["source"] == f"{export / 'Claim.ndjson'}:6"
+    monkeypatch.setattr(adapter.replay, "PIECE_BYTES", 2_000)
+    assert (export / "Claim.ndjson").stat().st_size > 5 * 2_000, "the Claims are cut into pieces"
+    for workers in ("1", "2"):
+        _, pieces = replay(tmp_path / f"pieces-{workers}", str(export), "--workers", workers)
+        assert pieces == whole, f"byte for byte with --workers {workers}"
+
+
 def test_decimals_keep_their_text_through_the_partitions(tmp_path: Path, small_partitions) -> None:
     export = tmp_path / "export"
     _bulk_export([FIXTURES / "59-claim-with-decimals-and-vendor-extensions.json"], export)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import adapter.spill
-from adapter.spill import Spill, bucket
+from adapter.spill import Spill, bucket, record
 
 
 def test_records_come_back_as_written_in_order(tmp_path: Path, monkeypatch) -> None:
@@ -15,7 +15,7 @@ def test_records_come_back_as_written_in_order(tmp_path: Path, monkeypatch) -> N
     for n in range(40):
         resource = b'{"resourceType":"Claim","id":"c%d","total":{"value":125.00}}' % n
         full_url = f"https://ehr.example.org/fhir/Claim/c{n}" if n % 2 else None
-        spill.add(n % 3, f"claims.ndjson:{n}", full_url, resource + b"\r\n")
+        spill.append(n % 3, record(f"claims.ndjson:{n}", full_url, resource + b"\r\n"))
         written[n % 3].append((f"claims.ndjson:{n}", full_url, resource))
     spill.flush()
     for partition in range(3):
