@@ -230,10 +230,6 @@ def run(
     (so only with one worker): `replay --fhir-base` writes its Claims from there."""
     if on_decided is not None and workers > 1:
         raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
-    # What lives for the whole run (modules, rule tables, the shared resources) is kept out of
-    # the collector's way: each partition's collection then looks at that partition's objects.
-    gc.collect()
-    gc.freeze()
     global _WORK
     _WORK = (plan, rules, validation, on_decided)
     try:
@@ -280,7 +276,9 @@ def _without_gc(function: Callable[[_T], _R], item: _T) -> _R:
     Parsed FHIR JSON makes no reference cycles, so the collector finds nothing while a
     partition's heap grows, yet its passes over it cost ~15% of a replay. Once `function` has
     returned, the partition's objects are gone by reference counting, and the one collection
-    sweeps up whatever cycle there was, keeping memory flat."""
+    sweeps up whatever cycle there was, keeping memory flat. What survives it lives for the
+    run (modules, models, rule tables, the shared resources, caches) and is frozen out of the
+    collector's way, so each collection looks only at what one item left behind."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -289,6 +287,7 @@ def _without_gc(function: Callable[[_T], _R], item: _T) -> _R:
         if enabled:
             gc.enable()
         gc.collect()
+        gc.freeze()
 
 
 def workers_default() -> int:
