@@ -66,6 +66,12 @@ def test_an_unquoted_code_is_refused_with_how_to_quote_it(tmp_path: Path) -> Non
     assert "lines.yaml: revenue_default: 280 is read as a number" in problem and 'quotes (e.g. "0430"' in problem
 
 
+def test_a_table_that_is_not_yaml_is_named_with_where_it_breaks(tmp_path: Path) -> None:
+    site = site_copy(tmp_path, "lines.yaml", edited("lines.yaml", 'revenue_default: "0430"', 'revenue_default: ["0430"'))
+    [problem] = problems(site)
+    assert "lines.yaml: not valid YAML" in problem and "line " in problem
+
+
 def test_bill_types_written_as_numbers_are_refused(tmp_path: Path) -> None:
     site = site_copy(tmp_path, "bill_types.yaml", edited("bill_types.yaml", 'PHP: ["13", "76", "85"]', "PHP: [13, 76, 85]"))
     found = problems(site)
