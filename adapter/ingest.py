@@ -306,7 +306,7 @@ def _ndjson_values(
             continue
         if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]
-        if not line.strip():
+        if not line or line.isspace():  # (not `strip`, which copies every line)
             continue
         try:
             yield Value(where, parse(line), line)

@@ -153,8 +153,10 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
     encounters = 0
     for value in read_file(piece.path, max_file_bytes, exact=False, span=piece.span):
         found, errs = _resources(value)
-        errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
-        local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url}
+        if errs:
+            errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
+        # (A value of one resource, an NDJSON line, has no other entry to refer to.)
+        local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url} if len(found) > 1 else _NOTHING
         for entry, raw in found:
             data = raw if raw is not None else jsonio.dumps(entry.resource)
             key = route(entry, local)
@@ -170,6 +172,9 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
                 block = records[partition] = bytearray()
             block += record(entry.source, entry.full_url, data)
     return Routed({p: bytes(b) for p, b in records.items()}, shared, errors, encounters, piece.size)
+
+
+_NOTHING: dict[str, str] = {}
 
 
 def _spans(path: Path, size: int) -> list[Span | None]:

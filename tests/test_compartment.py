@@ -23,6 +23,9 @@ def entry(resource: dict[str, Any], full_url: str | None = None) -> Entry:
         ({"resourceType": "Encounter", "subject": {"reference": "https://ehr.example.org/fhir/Patient/p1"}}, None, "Patient/p1"),
         ({"resourceType": "Procedure", "subject": {"reference": "Patient/p1/_history/3"}}, None, "Patient/p1"),
         ({"resourceType": "Claim", "patient": {"reference": "Patient/p1"}}, None, "Patient/p1"),
+        ({"resourceType": "Claim", "patient": {"reference": "Patient/p1/"}}, None, "Patient/p1"),
+        ({"resourceType": "Claim", "patient": {"reference": "Patient/p1?_format=json"}}, None, "Patient/p1"),
+        ({"resourceType": "Claim", "patient": {"reference": "Patient/"}}, None, None),
         # A Coverage's beneficiary is the patient, whoever holds the policy.
         ({"resourceType": "Coverage", "policyHolder": {"reference": "Patient/parent"}, "beneficiary": {"reference": "Patient/p1"}}, None, "Patient/p1"),
         ({"resourceType": "Coverage", "subscriber": {"reference": "Patient/p1"}}, None, "Patient/p1"),
