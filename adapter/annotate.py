@@ -230,10 +230,10 @@ def _own_list(resource: Resource, name: str) -> Any:
 
 
 def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, encounter: str, rules: RuleSet) -> None:
-    infos = _own_list(claim, "supportingInfo")
-    for info in infos:
+    for info in claim.setdefault("supportingInfo", []):
         if isinstance(info, dict) and any(rules.system_key(s) == system_key for s, _ in codings(info.get("code"))):
             return
+    infos = _own_list(claim, "supportingInfo")
     infos.append(
         {
             "extension": [{"url": ADDED_EXTENSION, "valueReference": {"reference": encounter}}],
