@@ -19,7 +19,6 @@ import hashlib
 import re
 from typing import Any
 
-from . import jsonio
 from .case import Case, codings
 from .decision import Decision, Line
 from .ruleset import RuleSet
@@ -191,6 +190,8 @@ def _withdraw_lines(claim: Resource, decision: Decision) -> None:
                 item = {k: v for k, v in item.items() if k != "extension"}
                 if rest:
                     item = {"extension": rest, **item}
+            else:
+                item = dict(item)  # the line is annotate's own from here on: see `annotate`
         kept.append(item)
     claim["item"] = kept
 
@@ -219,11 +220,20 @@ def _find_item(claim: Resource, sequence: int | None, index: int) -> Resource | 
     return items[index] if index < len(items) else None
 
 
+def _own_list(resource: Resource, name: str) -> Any:
+    """`resource[name]` (an empty list when absent), a copy of its own when it is a list: what
+    annotate appends to must not be the list of the Claim as read, which it shares."""
+    value = resource.setdefault(name, [])
+    if isinstance(value, list):
+        value = resource[name] = list(value)
+    return value
+
+
 def _put_supporting_info(claim: Resource, category: Resource, system_key: str, code: str, encounter: str, rules: RuleSet) -> None:
-    infos = claim.setdefault("supportingInfo", [])
-    for info in infos:
+    for info in claim.setdefault("supportingInfo", []):
         if isinstance(info, dict) and any(rules.system_key(s) == system_key for s, _ in codings(info.get("code"))):
             return
+    infos = _own_list(claim, "supportingInfo")
     infos.append(
         {
             "extension": [{"url": ADDED_EXTENSION, "valueReference": {"reference": encounter}}],
@@ -291,8 +301,15 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
 
     Because this is idempotent, `annotate(c) == c` means the Claim already says everything the
     decision says: a writer uses that to skip a write (and so never loops on its own writes).
+
+    The result shares with `claim` every part the annotation leaves as it was (a whole deep copy
+    was most of annotate's time, and a Claim is mostly what the EHR wrote). So nothing here
+    changes a dict or list in place unless it is the result's own: the Claim's top level, its
+    `item` list and each line in it (made so by `_withdraw_lines`, which runs first), the
+    `supportingInfo` list, `meta` and its `tag` list (made so where they are added to). Nothing
+    after annotate changes an annotated Claim in place either.
     """
-    out: Resource = jsonio.copy(claim)
+    out: Resource = dict(claim)
     _withdraw_lines(out, decision)
     if decision.outcome == "bill":
         for line in decision.lines:
@@ -314,7 +331,9 @@ def annotate(claim: Resource, decision: Decision, rules: RuleSet) -> Resource:
         extensions.append(mine)
     out["extension"] = extensions
     meta = out.setdefault("meta", {})
-    tags = meta.setdefault("tag", [])
+    if isinstance(meta, dict):
+        meta = out["meta"] = dict(meta)
+    tags = _own_list(meta, "tag")
     if not any(isinstance(t, dict) and t.get("system") == TAG_SYSTEM and t.get("code") == "annotated" for t in tags):
         tags.append(dict(ANNOTATED_TAG))
     return out

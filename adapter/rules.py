@@ -34,6 +34,10 @@ class Plan:
     qualifying: tuple[Session, ...]
     unknown_length: tuple[Session, ...]
     pending: tuple[Session, ...]  # not (yet) counted: a status a person must look at
+    # Derived once here because two rules each read them (DAY-SERVICES and OT-ONLY-DAY the
+    # days, CLAIM-LINES and the flags the EHR's lines).
+    days: tuple[tuple[str, tuple[tuple[str, float], ...]], ...]  # each billed date's (kind, units), by date
+    ehr_lines: tuple[tuple[ClaimLine, Line | None], ...]  # see _ehr_g0129_lines
 
 
 def _is_billed_code(rules: RuleSet, system: str | None, code: str | None) -> bool:
@@ -72,7 +76,8 @@ def plan_lines(case: Case, rules: RuleSet) -> Plan:
                 procedures=tuple(s.procedure for s in by_date[date]),
             )
         )
-    return Plan(tuple(lines), qualifying, unknown, pending)
+    planned = tuple(lines)
+    return Plan(planned, qualifying, unknown, pending, _day_units(case, planned), tuple(_ehr_g0129_lines(case, planned, rules)))
 
 
 Rule = Callable[[Case, Plan, RuleSet, list[str]], list[Finding]]
@@ -298,10 +303,10 @@ def _revenue_code(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
     ]
 
 
-def _ehr_g0129_lines(case: Case, plan: Plan, rules: RuleSet) -> Iterator[tuple[ClaimLine, Line | None]]:
+def _ehr_g0129_lines(case: Case, lines: tuple[Line, ...], rules: RuleSet) -> Iterator[tuple[ClaimLine, Line | None]]:
     """The EHR's G0129 lines of this encounter, each with the planned line it stands for (None:
     no qualifying session behind it, or a second line for a date already billed)."""
-    planned = {line.service_date: line for line in plan.lines}
+    planned = {line.service_date: line for line in lines}
     seen: set[str] = set()
     for line in case.claim_lines:
         if not case.owns(line) or line.ours or not _is_billed_code(rules, line.system, line.code):
@@ -317,7 +322,7 @@ def _claim_lines(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> 
         for line in case.claim_lines
         if case.owns(line) and not line.ours and line.has_modifier_extension
     ]
-    for line, target in _ehr_g0129_lines(case, plan, rules):
+    for line, target in plan.ehr_lines:
         subject = f"{case.claim_ref}#item[{line.index}]"
         date = line.service_date
         if target is None:
@@ -338,22 +343,22 @@ def _flagged_lines(case: Case, plan: Plan, outcome: str, rules: RuleSet) -> tupl
         return ()
     return tuple(
         FlaggedLine(line.sequence, line.index, line.service_date, "do-not-bill" if outcome == "do-not-bill" else "unsupported")
-        for line, target in _ehr_g0129_lines(case, plan, rules)
+        for line, target in plan.ehr_lines
         if outcome == "do-not-bill" or target is None
     )
 
 
-def _day_units(case: Case, plan: Plan) -> dict[str, list[tuple[str, float]]]:
-    per_day: dict[str, list[tuple[str, float]]] = {line.service_date: [("ot", float(line.units))] for line in plan.lines}
+def _day_units(case: Case, lines: tuple[Line, ...]) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+    per_day: dict[str, list[tuple[str, float]]] = {line.service_date: [("ot", float(line.units))] for line in lines}
     for service in case.services:
         if service.service_date in per_day:
             per_day[service.service_date].append((service.kind, service.units))
-    return per_day
+    return tuple((date, tuple(services)) for date, services in sorted(per_day.items()))
 
 
 def _day_services(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     findings = []
-    for date, services in sorted(_day_units(case, plan).items()):
+    for date, services in plan.days:
         count = sum(units for _, units in services)
         if count < rules.day_minimum:
             findings.append(
@@ -368,7 +373,7 @@ def _day_services(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) ->
 def _ot_only_day(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> list[Finding]:
     return [
         _found(rules, "OT-ONLY-DAY", "ot_only", f"Only OT and/or activity therapy on {date}: not a PHP/IOP day on its own.", case.encounter)
-        for date, services in sorted(_day_units(case, plan).items())
+        for date, services in plan.days
         if all(kind in rules.ot_only_kinds for kind, _ in services)
     ]
 
@@ -493,8 +498,8 @@ def decide(case: Case, rules: RuleSet) -> Decision:
     passed = []
     for info in rules.rules:
         found = RULES[info.id](case, plan, rules, missing)
-        findings.extend(found)
-        if all(f.severity == "info" for f in found):
+        findings += found
+        if not found or all(f.severity == "info" for f in found):  # most rules find nothing
             passed.append(info.id)
     findings = _settled(findings, case)
     outcome = outcome_of(findings)

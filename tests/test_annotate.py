@@ -126,3 +126,27 @@ def test_our_own_line_follows_the_decision_without_claim_line_warnings(ruleset: 
     assert not [f for f in decision.findings if f.rule in ("CLAIM-LINES", "REVENUE-CODE")]
     after = annotate(r["claim"], decision, ruleset)
     assert [i["quantity"]["value"] for i in after["item"] if i["productOrService"]["coding"][0]["code"] == "G0129"] == [2]
+
+
+def test_annotate_changes_nothing_it_was_given(ruleset: RuleSet) -> None:
+    """annotate shares with the Claim it is given every part it leaves alone, so each change it
+    makes (a corrected line, a flag, a supportingInfo, a tag) must land on a copy: neither the
+    Claim as read nor an annotated Claim annotated again may change."""
+    r = php_day()
+    r["claim"]["supportingInfo"].pop()  # the condition code gets added
+    r["claim"]["item"].append(claim_line(3, "G0129", revenue="0900", qty=3))  # corrected
+    r["claim"]["item"].append(claim_line(4, "G0129", revenue="0430", date="2025-03-07"))  # flagged
+    r["claim"]["meta"] = {"versionId": "2", "tag": [{"system": "http://vendor.example/tags", "code": "x"}]}
+    case = case_of(r, ruleset)
+    given = copy.deepcopy(case.claim.resource)
+    once = annotate(case.claim.resource, decide(case, ruleset), ruleset)
+    assert case.claim.resource == given
+    assert once["item"][2]["revenue"] != given["item"][2]["revenue"] and "extension" in once["item"][3]
+    assert len(once["supportingInfo"]) == len(given["supportingInfo"]) + 1 and len(once["meta"]["tag"]) == 2
+
+    # The same encounter decided again, now do-not-bill: its line flags and decision change.
+    r["encounter"]["class"]["code"] = "VR"
+    annotated = copy.deepcopy(once)
+    again = annotate(once, decide(case_of(r, ruleset), ruleset), ruleset)
+    assert once == annotated
+    assert again != once and {"url": "reason", "valueCode": "do-not-bill"} in again["item"][2]["extension"][-1]["extension"]

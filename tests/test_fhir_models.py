@@ -74,6 +74,8 @@ def test_valid_additions_pass_and_agree_with_the_whole_model() -> None:
         (line(reference=""), "reference"),
         ({**line(), "quantity": {"value": "one"}}, "quantity"),
         ({**line(), "productOrService": "G0129"}, "productOrService"),
+        ({**line(), "servicedDate": {"start": "2025-03-04"}}, "servicedDate"),  # not a primitive at all
+        ({**line(), "encounter": [{"reference": "Encounter/php01-enc"}, None]}, "encounter"),  # JSON has no null in an array
     ],
 )
 def test_an_invalid_addition_is_refused_like_the_whole_model_refuses_it(item: dict[str, Any], problem: str) -> None:
