@@ -27,6 +27,7 @@ from typing import TypeVar
 from . import jsonio
 from .compartment import SHARED, patient_key, route
 from .errors import InputError
+from .fhir_models import load_claim_models
 from .ingest import DEFAULT_MAX_FILE_BYTES, NDJSON_SUFFIXES, Entry, Index, Span, Value, load_value, ndjson_spans, read_file
 from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
@@ -235,6 +236,8 @@ def run(
     (so only with one worker): `replay --fhir-base` writes its Claims from there."""
     if on_decided is not None and workers > 1:
         raise ValueError("on_decided needs the partitions decided in this process (workers=1)")
+    if workers > 1 and validation != "none":
+        load_claim_models()
     global _WORK
     _WORK = (plan, rules, validation, on_decided)
     try:
