@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterator
+from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -203,37 +204,50 @@ class Case:
         return self.claim is not None and not self.draft
 
 
-def codings(concept: Any) -> Iterator[tuple[str | None, str]]:
-    """(system, code) of each coding of a CodeableConcept; text-only concepts yield nothing."""
+def codings(concept: Any) -> list[tuple[str | None, str]]:
+    """(system, code) of each coding of a CodeableConcept; text-only concepts have none.
+
+    A list rather than a generator: most concepts have one coding, and a case reads a few
+    hundred of them, where a generator's set-up and resumption cost more than the list."""
+    out: list[tuple[str | None, str]] = []
     if not isinstance(concept, dict):
-        return
+        return out
     for coding in concept.get("coding") or ():
         if isinstance(coding, dict):
             code = coding.get("code")
             if isinstance(code, str) and code:
-                yield coding.get("system"), code.strip()
+                out.append((coding.get("system"), code.strip()))
+    return out
 
 
-def _keyed(concept: Any, rules: RuleSet) -> Iterator[Code]:
-    for system, code in codings(concept):
-        yield (rules.system_key(system) or "", code)
+def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
+    return [(rules.system_key(system) or "", code) for system, code in codings(concept)]
+
+
+@lru_cache(maxsize=1 << 16)
+def _read_datetime(value: str) -> tuple[bool, datetime | None]:
+    """(whether `value` is a valid dateTime, the instant when it has a time part).
+
+    Cached: a case reads each time several times over (validity, the session length, the local
+    date, overlaps) and parsing it is a good part of building a case; a replay partition's
+    times fit the cache, and a datetime is immutable, so sharing one is safe."""
+    if not _DATETIME.match(value):
+        return False, None
+    if "T" not in value:
+        return True, None
+    try:
+        return True, datetime.fromisoformat(value)
+    except ValueError:  # 2025-02-30T..., or a leap second
+        return False, None
 
 
 def _valid_datetime(value: Any) -> bool:
-    if not isinstance(value, str) or not _DATETIME.match(value):
-        return False
-    try:
-        datetime.fromisoformat(value) if "T" in value else None
-    except ValueError:  # 2025-02-30T..., or a leap second
-        return False
-    return True
+    return isinstance(value, str) and _read_datetime(value)[0]
 
 
 def _parse_instant(value: Any) -> datetime | None:
     """A valid dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
-    if not isinstance(value, str) or "T" not in value or not _valid_datetime(value):
-        return None
-    return datetime.fromisoformat(value)
+    return _read_datetime(value)[1] if isinstance(value, str) else None
 
 
 def _is_utc(moment: datetime) -> bool:
@@ -276,6 +290,16 @@ class _Builder:
         self._by_patient: dict[tuple[str, str], list[Entry]] = {}
         self._by_encounter: dict[tuple[str, str], list[Entry]] = {}
         self._coverages_by_patient: dict[str, list[Entry]] = {}
+        # Completed review Tasks by the Claim they focus on: Tasks are shared by every partition
+        # of a replay, so looking through all of them for each Claim would grow with their square.
+        self._review_tasks: dict[str, list[Entry]] = {}
+        # Memos of what depends only on the input, which does not change while cases are built:
+        # the same Patient, Organization and Practitioner references come back case after case.
+        self._keys: dict[tuple[str, str | None], str | None] = {}
+        self._performers: dict[tuple[str, str | None], Performer] = {}
+        self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
+        self._evidence_codes: dict[Entry, frozenset[Code]] = {}
+        self._offset_zones: dict[timedelta, tuple[tzinfo, str]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
         self._possible_zones = tuple(ZoneInfo(z) for z in rules.possible_time_zones)
@@ -284,8 +308,15 @@ class _Builder:
     # -- indexing -----------------------------------------------------------------------------
 
     def _key_of(self, reference: Any, context: Entry) -> str | None:
-        hit = self.index.resolve_entry(reference, context)
-        return hit.key if isinstance(hit, Entry) else None
+        ref = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(ref, str) or not ref or ref.startswith("#"):
+            return None  # nothing to resolve, or a contained resource, which has no key
+        # Besides the index, where a reference leads depends only on it and the context's base.
+        memo = (ref, context.base)
+        if memo not in self._keys:
+            hit = self.index.resolve_entry(reference, context)
+            self._keys[memo] = hit.key if isinstance(hit, Entry) else None
+        return self._keys[memo]
 
     def _group(self) -> None:
         for proc in self.index.of_type("Procedure"):
@@ -301,6 +332,13 @@ class _Builder:
             patient = self._key_of(cov.resource.get("beneficiary"), cov)
             if patient:
                 self._coverages_by_patient.setdefault(patient, []).append(cov)
+        for task in self.index.of_type("Task"):
+            res = task.resource
+            if res.get("status") != "completed" or (TASK_CODE_SYSTEM, "review") not in codings(res.get("code")):
+                continue
+            focus = self._key_of(res.get("focus"), task)
+            if focus:
+                self._review_tasks.setdefault(focus, []).append(task)
         for rtype in self._doc_types:
             for entry in self.index.of_type(rtype):
                 res = entry.resource
@@ -364,14 +402,10 @@ class _Builder:
         if claim is None:
             return None
         answers = []
-        for task in self.index.of_type("Task"):
+        for task in self._review_tasks.get(claim.key, ()):
             res = task.resource
-            if res.get("status") != "completed" or (TASK_CODE_SYSTEM, "review") not in set(codings(res.get("code"))):
-                continue
-            if self._key_of(res.get("focus"), task) != claim.key:
-                continue
             for output in res.get("output") or ():
-                if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in set(codings(output.get("type"))):
+                if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in codings(output.get("type")):
                     continue
                 values = {c for s, c in codings(output.get("valueCodeableConcept")) if s == TASK_CODE_SYSTEM}
                 values.add(str(output.get("valueCode")))
@@ -398,11 +432,12 @@ class _Builder:
         for n, item in enumerate(claim.resource.get("item") or ()):
             if not isinstance(item, dict):
                 continue
-            product = next(
-                ((s, c) for s, c in _keyed(item.get("productOrService"), self.rules) if s in ("hcpcs", "cpt")),
-                next(_keyed(item.get("productOrService"), self.rules), (None, None)),
+            products = _keyed(item.get("productOrService"), self.rules)
+            product: tuple[str | None, str | None] = next(
+                ((s, c) for s, c in products if s in ("hcpcs", "cpt")), products[0] if products else (None, None)
             )
-            revenue = next((c for _, c in _keyed(item.get("revenue"), self.rules)), None)
+            revenues = _keyed(item.get("revenue"), self.rules)
+            revenue = revenues[0][1] if revenues else None
             quantity = item.get("quantity") or {}
             value = quantity.get("value") if isinstance(quantity, dict) else None
             period = item.get("servicedPeriod") or {}
@@ -428,6 +463,18 @@ class _Builder:
         return tuple(lines)
 
     def performer(self, ref: Any, context: Entry) -> Performer:
+        target = ref.get("reference") if isinstance(ref, dict) else None
+        if not isinstance(target, str) or target.startswith("#"):
+            return self._read_performer(ref, context)
+        # A site's few therapists perform session after session: each is read once. Only a
+        # contained performer depends on more than the reference and the context's base.
+        memo = (target, context.base)
+        found = self._performers.get(memo)
+        if found is None:
+            found = self._performers[memo] = self._read_performer(ref, context)
+        return found
+
+    def _read_performer(self, ref: Any, context: Entry) -> Performer:
         hit = self.index.resolve_entry(ref, context)
         resource = hit.resource if isinstance(hit, Entry) else hit
         label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
@@ -460,11 +507,13 @@ class _Builder:
         """(local date, what a UTC time was read in, whether that date is uncertain) of a FHIR
         date or dateTime. The date of a claim line is the day the service was given where it
         was given, not the UTC day (an evening session in the Americas is the next UTC day)."""
-        if not _valid_datetime(value):
+        if not isinstance(value, str):
             return None, None, False
-        moment = _parse_instant(value)
+        valid, moment = _read_datetime(value)
+        if not valid:
+            return None, None, False
         if moment is None or not _is_utc(moment):
-            return str(value)[:10], None, False
+            return value[:10], None, False
         if zone is not None:
             return moment.astimezone(zone).date().isoformat(), zone_label, False
         utc_date = moment.date()
@@ -476,8 +525,10 @@ class _Builder:
         start = _parse_instant(_object(res.get("period")).get("start"))
         if start is not None and start.tzinfo is not None and not _is_utc(start):
             offset = start.utcoffset() or timedelta(0)
-            zone = timezone(offset)
-            return zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+            if offset not in self._offset_zones:  # a site's encounters share one or two offsets
+                zone = timezone(offset)
+                self._offset_zones[offset] = zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+            return self._offset_zones[offset]
         if self._site_zone is not None:
             return self._site_zone, f"{self.rules.time_zone} (the site time zone, site.yaml)"
         return None, ""
@@ -526,7 +577,7 @@ class _Builder:
         sessions = []
         for proc in self._procedures_by_encounter.get(enc_key, ()):
             res = proc.resource
-            if not any(code in self.rules.ot_codes for code in _keyed(res.get("code"), self.rules)):
+            if self.rules.ot_codes.isdisjoint(_keyed(res.get("code"), self.rules)):
                 continue
             status = res.get("status")
             status_class = self._status_class(status)
@@ -588,8 +639,8 @@ class _Builder:
             res = proc.resource
             if res.get("status") not in self.rules.counted_session_statuses:
                 continue
-            codes = list(_keyed(res.get("code"), self.rules))
-            if any(code in self.rules.ot_codes for code in codes):
+            codes = _keyed(res.get("code"), self.rules)
+            if not self.rules.ot_codes.isdisjoint(codes):
                 continue
             for code in codes:
                 kind = self.rules.services.get(code)
@@ -633,7 +684,7 @@ class _Builder:
     def payer(self, coverage: Resource | None, context: Entry | None) -> tuple[str, str | None, PayerPolicy | None]:
         if coverage is None:
             return "unknown", None, None
-        sopt = {c for s, c in (code for concept in [coverage.get("type")] for code in _keyed(concept, self.rules)) if s == "sopt"}
+        sopt = frozenset(c for s, c in _keyed(coverage.get("type"), self.rules) if s == "sopt")
         names: list[str] = []
         identifiers: set[str] = set()
         states: set[str] = set()
@@ -654,7 +705,20 @@ class _Builder:
             ident = ref.get("identifier")
             if isinstance(ident, dict) and ident.get("value"):
                 identifiers.add(str(ident["value"]))
-        lowered = [n.lower() for n in names]
+        display = names[0] if names else None
+        policy = self._policy(sopt, tuple(n.lower() for n in names), frozenset(identifiers), frozenset(states))
+        if policy is None:
+            return "unknown", display, None
+        return policy.key, display or policy.name, policy
+
+    def _policy(
+        self, sopt: frozenset[str], lowered: tuple[str, ...], identifiers: frozenset[str], states: frozenset[str]
+    ) -> PayerPolicy | None:
+        """The payer policy of a Coverage's type and payer names, identifiers and states: worked
+        out once per partition for each payer, as most coverages name one of a few."""
+        memo = (sopt, lowered, identifiers, states)
+        if memo in self._policies:
+            return self._policies[memo]
         markets = {m for m in (self.rules.market_of(code) for code in sopt) if m}
         # A policy belongs to one plan (g0129-rules.md §13): matched by the payer's identifier,
         # else by name and state, else by name, else by the Coverage's type; among equals the
@@ -676,10 +740,8 @@ class _Builder:
                 score = 1
             if (score, len(needle)) > best[:2] and score:
                 best = (score, len(needle), policy)
-        display = names[0] if names else None
-        if best[2] is None:
-            return "unknown", display, None
-        return best[2].key, display or best[2].name, best[2]
+        self._policies[memo] = best[2]
+        return best[2]
 
     def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
         if claim is not None:
@@ -706,7 +768,7 @@ class _Builder:
         return None
 
     def _pick_dx(self, concept: Any, source: str) -> Diagnosis | None:
-        codes = list(_keyed(concept, self.rules))
+        codes = _keyed(concept, self.rules)
         if not codes:
             return None
         system, code = next(((s, c) for s, c in codes if s == "icd10cm"), codes[0])
@@ -739,19 +801,27 @@ class _Builder:
                 else:
                     key = (ev.resource_type, enc_key if ev.link == "encounter" else (patient or ""))
                     pool = (self._by_encounter if ev.link == "encounter" else self._by_patient).get(key, ())
-                    ok = any(
-                        not ev.codes or any(c in ev.codes for c in self._resource_codes(e.resource)) for e in pool
-                    )
+                    if not ev.codes:
+                        ok = bool(pool)
+                    else:
+                        ok = any(not ev.codes.isdisjoint(self._evidence_codes_of(e)) for e in pool)
                 if ok:
                     break
             present[element.key] = ok
         return present
 
-    def _resource_codes(self, res: Resource) -> Iterator[Code]:
-        for name in ("code", "type"):
-            yield from _keyed(res.get(name), self.rules)
-        for concept in res.get("category") or ():
-            yield from _keyed(concept, self.rules)
+    def _evidence_codes_of(self, entry: Entry) -> frozenset[Code]:
+        """The codes a documentation resource is recognised by; read once, as a patient's
+        resources are looked at again for each of the patient's encounters."""
+        codes = self._evidence_codes.get(entry)
+        if codes is None:
+            res = entry.resource
+            found = _keyed(res.get("code"), self.rules) + _keyed(res.get("type"), self.rules)
+            category = res.get("category")
+            for concept in category if isinstance(category, list) else ():
+                found.extend(_keyed(concept, self.rules))
+            codes = self._evidence_codes[entry] = frozenset(found)
+        return codes
 
     # -- the case -------------------------------------------------------------------------------
 
