@@ -250,8 +250,11 @@ def _parse_instant(value: Any) -> datetime | None:
     return _read_datetime(value)[1] if isinstance(value, str) else None
 
 
+_NO_OFFSET = timedelta(0)
+
+
 def _is_utc(moment: datetime) -> bool:
-    return moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
+    return moment.tzinfo is not None and moment.utcoffset() == _NO_OFFSET
 
 
 def _offset_text(zone: tzinfo) -> str:
@@ -294,8 +297,7 @@ class _Builder:
         # of a replay, so looking through all of them for each Claim would grow with their square.
         self._review_tasks: dict[str, list[Entry]] = {}
         # Memos of what depends only on the input, which does not change while cases are built:
-        # the same Patient, Organization and Practitioner references come back case after case.
-        self._keys: dict[tuple[str, str | None], str | None] = {}
+        # the same Practitioners, payers and documentation come back case after case.
         self._performers: dict[tuple[str, str | None], Performer] = {}
         self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
         self._evidence_codes: dict[Entry, frozenset[Code]] = {}
@@ -308,15 +310,8 @@ class _Builder:
     # -- indexing -----------------------------------------------------------------------------
 
     def _key_of(self, reference: Any, context: Entry) -> str | None:
-        ref = reference.get("reference") if isinstance(reference, dict) else None
-        if not isinstance(ref, str) or not ref or ref.startswith("#"):
-            return None  # nothing to resolve, or a contained resource, which has no key
-        # Besides the index, where a reference leads depends only on it and the context's base.
-        memo = (ref, context.base)
-        if memo not in self._keys:
-            hit = self.index.resolve_entry(reference, context)
-            self._keys[memo] = hit.key if isinstance(hit, Entry) else None
-        return self._keys[memo]
+        hit = self.index.resolve_entry(reference, context)
+        return hit.key if isinstance(hit, Entry) else None
 
     def _group(self) -> None:
         for proc in self.index.of_type("Procedure"):
@@ -399,10 +394,11 @@ class _Builder:
     def review_answer(self, claim: Entry | None) -> ReviewAnswer | None:
         """The answer of the newest completed review Task focused on the Claim, if any: its
         output `answer` (task-codes `approve` or `reject`, a CodeableConcept or a code)."""
-        if claim is None:
+        tasks = self._review_tasks.get(claim.key) if claim is not None else None
+        if not tasks:
             return None
         answers = []
-        for task in self._review_tasks.get(claim.key, ()):
+        for task in tasks:
             res = task.resource
             for output in res.get("output") or ():
                 if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in codings(output.get("type")):
@@ -433,9 +429,11 @@ class _Builder:
             if not isinstance(item, dict):
                 continue
             products = _keyed(item.get("productOrService"), self.rules)
-            product: tuple[str | None, str | None] = next(
-                ((s, c) for s, c in products if s in ("hcpcs", "cpt")), products[0] if products else (None, None)
-            )
+            product: tuple[str | None, str | None] = products[0] if products else (None, None)
+            for system, code in products:
+                if system in ("hcpcs", "cpt"):
+                    product = (system, code)
+                    break
             revenues = _keyed(item.get("revenue"), self.rules)
             revenue = revenues[0][1] if revenues else None
             quantity = item.get("quantity") or {}
@@ -456,11 +454,19 @@ class _Builder:
                     service_date=date,
                     modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
                     has_modifier_extension=bool(item.get("modifierExtension")),
-                    encounters=tuple(k for k in (self._key_of(r, claim) for r in item.get("encounter") or ()) if k),
+                    encounters=self._encounter_keys(item.get("encounter"), claim),
                     ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in item.get("extension") or ()),
                 )
             )
         return tuple(lines)
+
+    def _encounter_keys(self, references: Any, context: Entry) -> tuple[str, ...]:
+        keys = []
+        for ref in references or ():
+            key = self._key_of(ref, context)
+            if key:
+                keys.append(key)
+        return tuple(keys)
 
     def performer(self, ref: Any, context: Entry) -> Performer:
         target = ref.get("reference") if isinstance(ref, dict) else None
@@ -535,31 +541,35 @@ class _Builder:
 
     def invalid_values(
         self, enc: Entry, claim: Entry | None, coverage: Resource | None, cov_key: str | None, cov_context: Entry | None
-    ) -> Iterator[InputProblem]:
+    ) -> list[InputProblem]:
         """Values the rules read from the Encounter, the Claim and the Coverage that FHIR does
         not allow: a status outside its value set, a date or dateTime that is none."""
-        checks: list[tuple[Entry | None, str, str, Any, str]] = []
+        out: list[InputProblem] = []
         res = enc.resource
         period = _object(res.get("period"))
-        checks += [(enc, enc.key, "Encounter.status", res.get("status"), "status")]
-        checks += [(enc, enc.key, f"Encounter.period.{k}", period.get(k), "dateTime") for k in ("start", "end")]
+        status = res.get("status")
+        if status not in ENCOUNTER_STATUSES:
+            out.append(_code_problem(enc, enc.key, "Encounter.status", status))
+        for element, value in (("Encounter.period.start", period.get("start")), ("Encounter.period.end", period.get("end"))):
+            if _invalid_time(value, "dateTime"):
+                out.append(_time_problem(enc, enc.key, element, value, "dateTime"))
         if claim is not None:
-            checks.append((claim, claim.key, "Claim.status", claim.resource.get("status"), "claim-status"))
+            status = claim.resource.get("status")
+            if status not in CLAIM_STATUSES:
+                out.append(_code_problem(claim, claim.key, "Claim.status", status))
             for n, item in enumerate(claim.resource.get("item") or ()):
-                if isinstance(item, dict):
-                    checks.append((claim, claim.key, f"Claim.item[{n}].servicedDate", item.get("servicedDate"), "date"))
+                if isinstance(item, dict) and _invalid_time(item.get("servicedDate"), "date"):
+                    element = f"Claim.item[{n}].servicedDate"  # named only when wrong: a claim has many lines
+                    out.append(_time_problem(claim, claim.key, element, item.get("servicedDate"), "date"))
         if coverage is not None and cov_key is not None:
             cov_period = _object(coverage.get("period"))
-            checks.append((cov_context, cov_key, "Coverage.status", coverage.get("status"), "coverage-status"))
-            checks += [(cov_context, cov_key, f"Coverage.period.{k}", cov_period.get(k), "dateTime") for k in ("start", "end")]
-        allowed = {"status": ENCOUNTER_STATUSES, "claim-status": CLAIM_STATUSES, "coverage-status": COVERAGE_STATUSES}
-        for entry, key, element, value, kind in checks:
-            source = entry.source if entry is not None else ""
-            if kind in allowed:
-                if value not in allowed[kind]:
-                    yield InputProblem(source, key, element, str(value), f"{value!r} is not a code of the {element} value set")
-            elif value is not None and not (_valid_datetime(value) and (kind != "date" or len(str(value)) == 10)):
-                yield InputProblem(source, key, element, str(value), f"{value!r} is not a FHIR {kind}")
+            status = coverage.get("status")
+            if status not in COVERAGE_STATUSES:
+                out.append(_code_problem(cov_context, cov_key, "Coverage.status", status))
+            for element, value in (("Coverage.period.start", cov_period.get("start")), ("Coverage.period.end", cov_period.get("end"))):
+                if _invalid_time(value, "dateTime"):
+                    out.append(_time_problem(cov_context, cov_key, element, value, "dateTime"))
+        return out
 
     def _status_class(self, status: Any) -> str | None:
         """counted | review | invalid, or None for a record that is no session at all."""
@@ -849,12 +859,9 @@ class _Builder:
         payer, payer_name, policy = self.payer(coverage, cov_context)
         period = _object((coverage or {}).get("period"))
         problems.extend(self.invalid_values(enc, view, coverage, cov_key, cov_context))
-        cls = res.get("class")
-        encounter_class = (
-            next((c for s, c in _keyed({"coding": [cls]}, self.rules) if s == "act_code"), None)
-            if isinstance(cls, dict)
-            else None
-        )
+        cls = res.get("class")  # a Coding, not a CodeableConcept
+        class_codes = _keyed({"coding": [cls]}, self.rules) if isinstance(cls, dict) else []
+        encounter_class = class_codes[0][1] if class_codes and class_codes[0][0] == "act_code" else None
         bill_type, bill_type_source = self.bill_type(view)
         qualifying = tuple(s for s in counted if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
         return Case(
@@ -890,6 +897,21 @@ class _Builder:
         )
 
 
+def _invalid_time(value: Any, kind: str) -> bool:
+    """Whether a date (kind "date") or dateTime element holds what FHIR does not allow; absent is fine."""
+    return value is not None and not (_valid_datetime(value) and (kind != "date" or len(str(value)) == 10))
+
+
+def _code_problem(entry: Entry | None, key: str, element: str, value: Any) -> InputProblem:
+    source = entry.source if entry is not None else ""
+    return InputProblem(source, key, element, str(value), f"{value!r} is not a code of the {element} value set")
+
+
+def _time_problem(entry: Entry | None, key: str, element: str, value: Any, kind: str) -> InputProblem:
+    source = entry.source if entry is not None else ""
+    return InputProblem(source, key, element, str(value), f"{value!r} is not a FHIR {kind}")
+
+
 def _normalise_tob(code: str) -> str:
     code = code.strip()
     # NUBC writes the type of bill with a leading zero (0131); the rules read the 3 digits.
@@ -916,6 +938,8 @@ def _fold_overlaps(sessions: list[Session]) -> tuple[Session, ...]:
     gives two sessions at once. The longest record stands for it (then the earliest, then the
     Procedure id); the others are kept, marked as its duplicates, so the finding can name them.
     """
+    if len(sessions) < 2:  # most encounters have one session: nothing to fold
+        return tuple(sessions)
     timed = [
         (n, s, _parse_instant(s.start), _parse_instant(s.end))
         for n, s in enumerate(sessions)
