@@ -221,24 +221,38 @@ def codings(concept: Any) -> list[tuple[str | None, str]]:
 
 
 def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
-    return [(rules.system_key(system) or "", code) for system, code in codings(concept)]
+    """`codings` with the system's key in place of its URI ("" for none).
+
+    The same walk as `codings` rather than a pass over its result: this is the most called
+    function of case building (a dozen concepts a case), and the second pass cost a third of it."""
+    out: list[Code] = []
+    if not isinstance(concept, dict):
+        return out
+    for coding in concept.get("coding") or ():
+        if isinstance(coding, dict):
+            code = coding.get("code")
+            if isinstance(code, str) and code:
+                out.append((rules.system_key(coding.get("system")) or "", code.strip()))
+    return out
 
 
 @lru_cache(maxsize=1 << 16)
-def _read_datetime(value: str) -> tuple[bool, datetime | None]:
-    """(whether `value` is a valid dateTime, the instant when it has a time part).
+def _read_datetime(value: str) -> tuple[bool, datetime | None, bool]:
+    """(whether `value` is a valid dateTime, the instant when it has a time part, whether that
+    instant is given in UTC).
 
     Cached: a case reads each time several times over (validity, the session length, the local
     date, overlaps) and parsing it is a good part of building a case; a replay partition's
     times fit the cache, and a datetime is immutable, so sharing one is safe."""
     if not _DATETIME.match(value):
-        return False, None
+        return False, None, False
     if "T" not in value:
-        return True, None
+        return True, None, False
     try:
-        return True, datetime.fromisoformat(value)
+        moment = datetime.fromisoformat(value)
     except ValueError:  # 2025-02-30T..., or a leap second
-        return False, None
+        return False, None, False
+    return True, moment, moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
 
 
 def _valid_datetime(value: Any) -> bool:
@@ -248,13 +262,6 @@ def _valid_datetime(value: Any) -> bool:
 def _parse_instant(value: Any) -> datetime | None:
     """A valid dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
     return _read_datetime(value)[1] if isinstance(value, str) else None
-
-
-_NO_OFFSET = timedelta(0)
-
-
-def _is_utc(moment: datetime) -> bool:
-    return moment.tzinfo is not None and moment.utcoffset() == _NO_OFFSET
 
 
 def _offset_text(zone: tzinfo) -> str:
@@ -301,6 +308,7 @@ class _Builder:
         self._performers: dict[tuple[str, str | None], Performer] = {}
         self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
         self._evidence_codes: dict[Entry, frozenset[Code]] = {}
+        self._organizations: dict[int, tuple[Resource, tuple[list[str], list[str], list[str]]]] = {}
         self._offset_zones: dict[timedelta, tuple[tzinfo, str]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
@@ -387,8 +395,8 @@ class _Builder:
     def pick_claim(self, enc_key: str) -> Entry | None:
         """The institutional claim that bills the encounter (newest first), or None."""
         candidates = [c for c in self._claims_by_encounter.get(enc_key, ()) if is_candidate_claim(c.resource, self.rules)]
-        if not candidates:
-            return None
+        if len(candidates) < 2:  # nearly always one claim or none: nothing to order
+            return candidates[0] if candidates else None
         return max(candidates, key=lambda c: (str(c.resource.get("created") or ""), c.key))
 
     def review_answer(self, claim: Entry | None) -> ReviewAnswer | None:
@@ -443,6 +451,7 @@ class _Builder:
                 _date_part(period.get("start")) if isinstance(period, dict) else None
             )
             seq = item.get("sequence")
+            modifiers, extensions = item.get("modifier"), item.get("extension")
             lines.append(
                 ClaimLine(
                     index=n,
@@ -452,10 +461,10 @@ class _Builder:
                     revenue=revenue,
                     quantity=float(value) if isinstance(value, (int, float)) else 1.0,
                     service_date=date,
-                    modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
+                    modifiers=tuple(c for m in modifiers for _, c in codings(m)) if modifiers else (),
                     has_modifier_extension=bool(item.get("modifierExtension")),
                     encounters=self._encounter_keys(item.get("encounter"), claim),
-                    ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in item.get("extension") or ()),
+                    ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in extensions) if extensions else False,
                 )
             )
         return tuple(lines)
@@ -515,10 +524,10 @@ class _Builder:
         was given, not the UTC day (an evening session in the Americas is the next UTC day)."""
         if not isinstance(value, str):
             return None, None, False
-        valid, moment = _read_datetime(value)
+        valid, moment, utc = _read_datetime(value)
         if not valid:
             return None, None, False
-        if moment is None or not _is_utc(moment):
+        if moment is None or not utc:
             return value[:10], None, False
         if zone is not None:
             return moment.astimezone(zone).date().isoformat(), zone_label, False
@@ -528,8 +537,9 @@ class _Builder:
 
     def encounter_zone(self, res: Resource) -> tuple[tzinfo | None, str]:
         """The zone a UTC time of this encounter is read in: its period's own offset, else the site's."""
-        start = _parse_instant(_object(res.get("period")).get("start"))
-        if start is not None and start.tzinfo is not None and not _is_utc(start):
+        value = _object(res.get("period")).get("start")
+        _, start, utc = _read_datetime(value) if isinstance(value, str) else (False, None, False)
+        if start is not None and start.tzinfo is not None and not utc:
             offset = start.utcoffset() or timedelta(0)
             if offset not in self._offset_zones:  # a site's encounters share one or two offsets
                 zone = timezone(offset)
@@ -630,7 +640,8 @@ class _Builder:
                     date_uncertain=uncertain,
                 )
             )
-        sessions.sort(key=lambda s: (s.start or "", s.procedure))
+        if len(sessions) > 1:
+            sessions.sort(key=lambda s: (s.start or "", s.procedure))
         return _fold_overlaps(sessions)
 
     def services(
@@ -703,23 +714,33 @@ class _Builder:
                 continue
             org = self.index.resolve(ref, context) if context else None
             if org and org.get("resourceType") == "Organization":
-                if org.get("name"):
-                    names.append(str(org["name"]))
-                names.extend(str(a) for a in org.get("alias") or ())
-                identifiers.update(str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict))
-                states.update(
-                    str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")
-                )
+                org_names, org_identifiers, org_states = self._organization(org)
+                names.extend(org_names)
+                identifiers.update(org_identifiers)
+                states.update(org_states)
             if ref.get("display"):
                 names.append(str(ref["display"]))
             ident = ref.get("identifier")
             if isinstance(ident, dict) and ident.get("value"):
                 identifiers.add(str(ident["value"]))
         display = names[0] if names else None
-        policy = self._policy(sopt, tuple(n.lower() for n in names), frozenset(identifiers), frozenset(states))
+        policy = self._policy(sopt, tuple([n.lower() for n in names]), frozenset(identifiers), frozenset(states))
         if policy is None:
             return "unknown", display, None
         return policy.key, display or policy.name, policy
+
+    def _organization(self, org: Resource) -> tuple[list[str], list[str], list[str]]:
+        """A payer Organization's names, identifiers and states, read once: every Coverage of a
+        partition names one of a few payers. Memoised by identity, keeping the resource alive."""
+        known = self._organizations.get(id(org))
+        if known is not None and known[0] is org:
+            return known[1]
+        names = [str(org["name"])] if org.get("name") else []
+        names.extend(str(a) for a in org.get("alias") or ())
+        identifiers = [str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict)]
+        states = [str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")]
+        self._organizations[id(org)] = (org, (names, identifiers, states))
+        return names, identifiers, states
 
     def _policy(
         self, sopt: frozenset[str], lowered: tuple[str, ...], identifiers: frozenset[str], states: frozenset[str]
@@ -781,7 +802,11 @@ class _Builder:
         codes = _keyed(concept, self.rules)
         if not codes:
             return None
-        system, code = next(((s, c) for s, c in codes if s == "icd10cm"), codes[0])
+        system, code = codes[0]
+        for candidate in codes:
+            if candidate[0] == "icd10cm":
+                system, code = candidate
+                break
         return Diagnosis(system or None, code, source)
 
     def bill_type(self, claim: Entry | None) -> tuple[str | None, str | None]:
