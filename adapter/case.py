@@ -210,9 +210,8 @@ def codings(concept: Any) -> list[tuple[str | None, str]]:
     A list rather than a generator: most concepts have one coding, and a case reads a few
     hundred of them, where a generator's set-up and resumption cost more than the list."""
     out: list[tuple[str | None, str]] = []
-    if not isinstance(concept, dict):
-        return out
-    for coding in concept.get("coding") or ():
+    found = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in found if isinstance(found, list) else ():  # a malformed `coding` has none
         if isinstance(coding, dict):
             code = coding.get("code")
             if isinstance(code, str) and code:
@@ -224,15 +223,18 @@ def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
     """`codings` with the system's key in place of its URI ("" for none).
 
     The same walk as `codings` rather than a pass over its result: this is the most called
-    function of case building (a dozen concepts a case), and the second pass cost a third of it."""
+    function of case building (a dozen concepts a case), and the second pass cost a third of it.
+    Whole lists are read where a caller may stop at the first match, so nothing malformed may
+    raise here: a system that is an object or an array is no system."""
     out: list[Code] = []
-    if not isinstance(concept, dict):
-        return out
-    for coding in concept.get("coding") or ():
+    found = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in found if isinstance(found, list) else ():
         if isinstance(coding, dict):
             code = coding.get("code")
             if isinstance(code, str) and code:
-                out.append((rules.system_key(coding.get("system")) or "", code.strip()))
+                system = coding.get("system")
+                key = rules.system_key(system) if not isinstance(system, (dict, list)) else None
+                out.append((key or "", code.strip()))
     return out
 
 
@@ -304,7 +306,8 @@ class _Builder:
         # of a replay, so looking through all of them for each Claim would grow with their square.
         self._review_tasks: dict[str, list[Entry]] = {}
         # Memos of what depends only on the input, which does not change while cases are built:
-        # the same Practitioners, payers and documentation come back case after case.
+        # the same references, Practitioners, payers and documentation come back case after case.
+        self._keys: dict[str, str] = {}
         self._performers: dict[tuple[str, str | None], Performer] = {}
         self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
         self._evidence_codes: dict[Entry, frozenset[Code]] = {}
@@ -318,8 +321,21 @@ class _Builder:
     # -- indexing -----------------------------------------------------------------------------
 
     def _key_of(self, reference: Any, context: Entry) -> str | None:
-        hit = self.index.resolve_entry(reference, context)
-        return hit.key if isinstance(hit, Entry) else None
+        """The key of the resource a Reference points at; None for a contained one or none."""
+        ref = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(ref, str) or not ref or ref[0] == "#":
+            return None  # nothing to resolve, or a contained resource, which has no key
+        if context.base is not None:  # read against the context's server first
+            hit = self.index.resolve_entry(reference, context)
+            return hit.key if isinstance(hit, Entry) else None
+        # Otherwise where a reference leads depends on it alone, and the same Patient and
+        # Encounter references come back resource after resource: each is resolved once
+        # ("" for one that leads nowhere; a key never is empty).
+        key = self._keys.get(ref)
+        if key is None:
+            hit = self.index.resolve_entry(reference, context)
+            key = self._keys[ref] = hit.key if isinstance(hit, Entry) else ""
+        return key or None
 
     def _group(self) -> None:
         for proc in self.index.of_type("Procedure"):
@@ -824,26 +840,34 @@ class _Builder:
 
     def documentation(self, enc_key: str, patient: str | None, sessions: tuple[Session, ...]) -> dict[str, bool]:
         present = {}
+        resources = [s.resource for s in sessions]
+        credentialed = bool(sessions) and all(
+            s.performers and all(p.discipline in ("OT", "OTA") for p in s.performers) for s in sessions
+        )
         for element in self.rules.documentation:
             ok = False
             for ev in element.evidence:
                 if ev.kind == "session":
-                    ok = bool(sessions) and all(_has_path(s.resource, ev.path) for s in sessions)
+                    ok = bool(resources) and all([_has_path(r, ev.path) for r in resources])
                 elif ev.kind == "performers_credentialed":
-                    ok = bool(sessions) and all(
-                        s.performers and all(p.discipline in ("OT", "OTA") for p in s.performers) for s in sessions
-                    )
+                    ok = credentialed
+                elif ev.link == "encounter":
+                    ok = self._evidenced(self._by_encounter.get((ev.resource_type, enc_key), ()), ev.codes)
                 else:
-                    key = (ev.resource_type, enc_key if ev.link == "encounter" else (patient or ""))
-                    pool = (self._by_encounter if ev.link == "encounter" else self._by_patient).get(key, ())
-                    if not ev.codes:
-                        ok = bool(pool)
-                    else:
-                        ok = any(not ev.codes.isdisjoint(self._evidence_codes_of(e)) for e in pool)
+                    ok = self._evidenced(self._by_patient.get((ev.resource_type, patient or ""), ()), ev.codes)
                 if ok:
                     break
             present[element.key] = ok
         return present
+
+    def _evidenced(self, pool: Collection[Entry], codes: frozenset[Code]) -> bool:
+        """Whether a resource of the pool is evidence: any, or one with one of the codes."""
+        if not codes:
+            return bool(pool)
+        for entry in pool:
+            if not codes.isdisjoint(self._evidence_codes_of(entry)):
+                return True
+        return False
 
     def _evidence_codes_of(self, entry: Entry) -> frozenset[Code]:
         """The codes a documentation resource is recognised by; read once, as a patient's
