@@ -232,8 +232,10 @@ def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
         if isinstance(coding, dict):
             code = coding.get("code")
             if isinstance(code, str) and code:
-                system = coding.get("system")
-                key = rules.system_key(system) if not isinstance(system, (dict, list)) else None
+                try:
+                    key = rules.system_key(coding.get("system"))
+                except TypeError:  # an object or an array, which no dict can look up
+                    key = None
                 out.append((key or "", code.strip()))
     return out
 
@@ -830,7 +832,7 @@ class _Builder:
             return None, None
         res = claim.resource
         for info in res.get("supportingInfo") or ():
-            if isinstance(info, dict) and any(c == "typeofbill" for _, c in codings(info.get("category"))):
+            if isinstance(info, dict) and "typeofbill" in [c for _, c in codings(info.get("category"))]:
                 for _, code in codings(info.get("code")):
                     return _normalise_tob(code), "supportingInfo"
         for system, code in _keyed(res.get("subType"), self.rules):
@@ -902,8 +904,9 @@ class _Builder:
             return None
         patient = self._key_of(res.get("subject"), enc)
         claim_lines = self.claim_lines(view) if view else ()
-        counted = tuple(s for s in sessions if s.counts)
-        first_date = min((s.service_date for s in counted if s.service_date), default=encounter_date)
+        counted = tuple([s for s in sessions if s.counts])
+        dates = [s.service_date for s in counted if s.service_date]
+        first_date = min(dates) if dates else encounter_date
         cov_key, coverage, cov_context = self.coverage(view, patient, first_date)
         payer, payer_name, policy = self.payer(coverage, cov_context)
         period = _object((coverage or {}).get("period"))
