@@ -240,14 +240,15 @@ def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
     return out
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 14)
 def _read_datetime(value: str) -> tuple[bool, datetime | None, bool]:
     """(whether `value` is a valid dateTime, the instant when it has a time part, whether that
     instant is given in UTC).
 
     Cached: a case reads each time several times over (validity, the session length, the local
-    date, overlaps) and parsing it is a good part of building a case; a replay partition's
-    times fit the cache, and a datetime is immutable, so sharing one is safe."""
+    date, overlaps) and parsing it is a good part of building a case. A replay partition's
+    times (some thousands) fit, the cache stays a few MB in a long-lived service, and a datetime
+    is immutable, so sharing one is safe."""
     if not _DATETIME.match(value):
         return False, None, False
     if "T" not in value:
