@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterator
+from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -203,41 +204,69 @@ class Case:
         return self.claim is not None and not self.draft
 
 
-def codings(concept: Any) -> Iterator[tuple[str | None, str]]:
-    """(system, code) of each coding of a CodeableConcept; text-only concepts yield nothing."""
-    if not isinstance(concept, dict):
-        return
-    for coding in concept.get("coding") or ():
+def codings(concept: Any) -> list[tuple[str | None, str]]:
+    """(system, code) of each coding of a CodeableConcept; text-only concepts have none.
+
+    A list rather than a generator: most concepts have one coding, and a case reads a few
+    hundred of them, where a generator's set-up and resumption cost more than the list."""
+    out: list[tuple[str | None, str]] = []
+    found = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in found if isinstance(found, list) else ():  # a malformed `coding` has none
         if isinstance(coding, dict):
             code = coding.get("code")
             if isinstance(code, str) and code:
-                yield coding.get("system"), code.strip()
+                out.append((coding.get("system"), code.strip()))
+    return out
 
 
-def _keyed(concept: Any, rules: RuleSet) -> Iterator[Code]:
-    for system, code in codings(concept):
-        yield (rules.system_key(system) or "", code)
+def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
+    """`codings` with the system's key in place of its URI ("" for none).
+
+    The same walk as `codings` rather than a pass over its result: this is the most called
+    function of case building (a dozen concepts a case), and the second pass cost a third of it.
+    Whole lists are read where a caller may stop at the first match, so nothing malformed may
+    raise here: a system that is an object or an array is no system."""
+    out: list[Code] = []
+    found = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in found if isinstance(found, list) else ():
+        if isinstance(coding, dict):
+            code = coding.get("code")
+            if isinstance(code, str) and code:
+                try:
+                    key = rules.system_key(coding.get("system"))
+                except TypeError:  # an object or an array, which no dict can look up
+                    key = None
+                out.append((key or "", code.strip()))
+    return out
+
+
+@lru_cache(maxsize=1 << 14)
+def _read_datetime(value: str) -> tuple[bool, datetime | None, bool]:
+    """(whether `value` is a valid dateTime, the instant when it has a time part, whether that
+    instant is given in UTC).
+
+    Cached: a case reads each time several times over (validity, the session length, the local
+    date, overlaps) and parsing it is a good part of building a case. A replay partition's
+    times (some thousands) fit, the cache stays a few MB in a long-lived service, and a datetime
+    is immutable, so sharing one is safe."""
+    if not _DATETIME.match(value):
+        return False, None, False
+    if "T" not in value:
+        return True, None, False
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:  # 2025-02-30T..., or a leap second
+        return False, None, False
+    return True, moment, moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
 
 
 def _valid_datetime(value: Any) -> bool:
-    if not isinstance(value, str) or not _DATETIME.match(value):
-        return False
-    try:
-        datetime.fromisoformat(value) if "T" in value else None
-    except ValueError:  # 2025-02-30T..., or a leap second
-        return False
-    return True
+    return isinstance(value, str) and _read_datetime(value)[0]
 
 
 def _parse_instant(value: Any) -> datetime | None:
     """A valid dateTime with a time part, or None (date-only and partial dates carry no clock time)."""
-    if not isinstance(value, str) or "T" not in value or not _valid_datetime(value):
-        return None
-    return datetime.fromisoformat(value)
-
-
-def _is_utc(moment: datetime) -> bool:
-    return moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
+    return _read_datetime(value)[1] if isinstance(value, str) else None
 
 
 def _offset_text(zone: tzinfo) -> str:
@@ -276,6 +305,17 @@ class _Builder:
         self._by_patient: dict[tuple[str, str], list[Entry]] = {}
         self._by_encounter: dict[tuple[str, str], list[Entry]] = {}
         self._coverages_by_patient: dict[str, list[Entry]] = {}
+        # Completed review Tasks by the Claim they focus on: Tasks are shared by every partition
+        # of a replay, so looking through all of them for each Claim would grow with their square.
+        self._review_tasks: dict[str, list[Entry]] = {}
+        # Memos of what depends only on the input, which does not change while cases are built:
+        # the same references, Practitioners, payers and documentation come back case after case.
+        self._keys: dict[str, str] = {}
+        self._performers: dict[tuple[str, str | None], Performer] = {}
+        self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
+        self._evidence_codes: dict[Entry, frozenset[Code]] = {}
+        self._organizations: dict[int, tuple[Resource, tuple[list[str], list[str], list[str]]]] = {}
+        self._offset_zones: dict[timedelta, tuple[tzinfo, str]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
         self._possible_zones = tuple(ZoneInfo(z) for z in rules.possible_time_zones)
@@ -284,8 +324,21 @@ class _Builder:
     # -- indexing -----------------------------------------------------------------------------
 
     def _key_of(self, reference: Any, context: Entry) -> str | None:
-        hit = self.index.resolve_entry(reference, context)
-        return hit.key if isinstance(hit, Entry) else None
+        """The key of the resource a Reference points at; None for a contained one or none."""
+        ref = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(ref, str) or not ref or ref[0] == "#":
+            return None  # nothing to resolve, or a contained resource, which has no key
+        if context.base is not None:  # read against the context's server first
+            hit = self.index.resolve_entry(reference, context)
+            return hit.key if isinstance(hit, Entry) else None
+        # Otherwise where a reference leads depends on it alone, and the same Patient and
+        # Encounter references come back resource after resource: each is resolved once
+        # ("" for one that leads nowhere; a key never is empty).
+        key = self._keys.get(ref)
+        if key is None:
+            hit = self.index.resolve_entry(reference, context)
+            key = self._keys[ref] = hit.key if isinstance(hit, Entry) else ""
+        return key or None
 
     def _group(self) -> None:
         for proc in self.index.of_type("Procedure"):
@@ -301,6 +354,13 @@ class _Builder:
             patient = self._key_of(cov.resource.get("beneficiary"), cov)
             if patient:
                 self._coverages_by_patient.setdefault(patient, []).append(cov)
+        for task in self.index.of_type("Task"):
+            res = task.resource
+            if res.get("status") != "completed" or (TASK_CODE_SYSTEM, "review") not in codings(res.get("code")):
+                continue
+            focus = self._key_of(res.get("focus"), task)
+            if focus:
+                self._review_tasks.setdefault(focus, []).append(task)
         for rtype in self._doc_types:
             for entry in self.index.of_type(rtype):
                 res = entry.resource
@@ -354,24 +414,21 @@ class _Builder:
     def pick_claim(self, enc_key: str) -> Entry | None:
         """The institutional claim that bills the encounter (newest first), or None."""
         candidates = [c for c in self._claims_by_encounter.get(enc_key, ()) if is_candidate_claim(c.resource, self.rules)]
-        if not candidates:
-            return None
+        if len(candidates) < 2:  # nearly always one claim or none: nothing to order
+            return candidates[0] if candidates else None
         return max(candidates, key=lambda c: (str(c.resource.get("created") or ""), c.key))
 
     def review_answer(self, claim: Entry | None) -> ReviewAnswer | None:
         """The answer of the newest completed review Task focused on the Claim, if any: its
         output `answer` (task-codes `approve` or `reject`, a CodeableConcept or a code)."""
-        if claim is None:
+        tasks = self._review_tasks.get(claim.key) if claim is not None else None
+        if not tasks:
             return None
         answers = []
-        for task in self.index.of_type("Task"):
+        for task in tasks:
             res = task.resource
-            if res.get("status") != "completed" or (TASK_CODE_SYSTEM, "review") not in set(codings(res.get("code"))):
-                continue
-            if self._key_of(res.get("focus"), task) != claim.key:
-                continue
             for output in res.get("output") or ():
-                if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in set(codings(output.get("type"))):
+                if not isinstance(output, dict) or (TASK_CODE_SYSTEM, "answer") not in codings(output.get("type")):
                     continue
                 values = {c for s, c in codings(output.get("valueCodeableConcept")) if s == TASK_CODE_SYSTEM}
                 values.add(str(output.get("valueCode")))
@@ -398,11 +455,14 @@ class _Builder:
         for n, item in enumerate(claim.resource.get("item") or ()):
             if not isinstance(item, dict):
                 continue
-            product = next(
-                ((s, c) for s, c in _keyed(item.get("productOrService"), self.rules) if s in ("hcpcs", "cpt")),
-                next(_keyed(item.get("productOrService"), self.rules), (None, None)),
-            )
-            revenue = next((c for _, c in _keyed(item.get("revenue"), self.rules)), None)
+            products = _keyed(item.get("productOrService"), self.rules)
+            product: tuple[str | None, str | None] = products[0] if products else (None, None)
+            for system, code in products:
+                if system in ("hcpcs", "cpt"):
+                    product = (system, code)
+                    break
+            revenues = _keyed(item.get("revenue"), self.rules)
+            revenue = revenues[0][1] if revenues else None
             quantity = item.get("quantity") or {}
             value = quantity.get("value") if isinstance(quantity, dict) else None
             period = item.get("servicedPeriod") or {}
@@ -410,6 +470,7 @@ class _Builder:
                 _date_part(period.get("start")) if isinstance(period, dict) else None
             )
             seq = item.get("sequence")
+            modifiers, extensions = item.get("modifier"), item.get("extension")
             lines.append(
                 ClaimLine(
                     index=n,
@@ -419,15 +480,35 @@ class _Builder:
                     revenue=revenue,
                     quantity=float(value) if isinstance(value, (int, float)) else 1.0,
                     service_date=date,
-                    modifiers=tuple(c for m in item.get("modifier") or () for _, c in codings(m)),
+                    modifiers=tuple(c for m in modifiers for _, c in codings(m)) if modifiers else (),
                     has_modifier_extension=bool(item.get("modifierExtension")),
-                    encounters=tuple(k for k in (self._key_of(r, claim) for r in item.get("encounter") or ()) if k),
-                    ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in item.get("extension") or ()),
+                    encounters=self._encounter_keys(item.get("encounter"), claim),
+                    ours=any(isinstance(e, dict) and e.get("url") == LINE_EXTENSION for e in extensions) if extensions else False,
                 )
             )
         return tuple(lines)
 
+    def _encounter_keys(self, references: Any, context: Entry) -> tuple[str, ...]:
+        keys = []
+        for ref in references or ():
+            key = self._key_of(ref, context)
+            if key:
+                keys.append(key)
+        return tuple(keys)
+
     def performer(self, ref: Any, context: Entry) -> Performer:
+        target = ref.get("reference") if isinstance(ref, dict) else None
+        if not isinstance(target, str) or target.startswith("#"):
+            return self._read_performer(ref, context)
+        # A site's few therapists perform session after session: each is read once. Only a
+        # contained performer depends on more than the reference and the context's base.
+        memo = (target, context.base)
+        found = self._performers.get(memo)
+        if found is None:
+            found = self._performers[memo] = self._read_performer(ref, context)
+        return found
+
+    def _read_performer(self, ref: Any, context: Entry) -> Performer:
         hit = self.index.resolve_entry(ref, context)
         resource = hit.resource if isinstance(hit, Entry) else hit
         label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
@@ -460,11 +541,13 @@ class _Builder:
         """(local date, what a UTC time was read in, whether that date is uncertain) of a FHIR
         date or dateTime. The date of a claim line is the day the service was given where it
         was given, not the UTC day (an evening session in the Americas is the next UTC day)."""
-        if not _valid_datetime(value):
+        if not isinstance(value, str):
             return None, None, False
-        moment = _parse_instant(value)
-        if moment is None or not _is_utc(moment):
-            return str(value)[:10], None, False
+        valid, moment, utc = _read_datetime(value)
+        if not valid:
+            return None, None, False
+        if moment is None or not utc:
+            return value[:10], None, False
         if zone is not None:
             return moment.astimezone(zone).date().isoformat(), zone_label, False
         utc_date = moment.date()
@@ -473,42 +556,49 @@ class _Builder:
 
     def encounter_zone(self, res: Resource) -> tuple[tzinfo | None, str]:
         """The zone a UTC time of this encounter is read in: its period's own offset, else the site's."""
-        start = _parse_instant(_object(res.get("period")).get("start"))
-        if start is not None and start.tzinfo is not None and not _is_utc(start):
+        value = _object(res.get("period")).get("start")
+        _, start, utc = _read_datetime(value) if isinstance(value, str) else (False, None, False)
+        if start is not None and start.tzinfo is not None and not utc:
             offset = start.utcoffset() or timedelta(0)
-            zone = timezone(offset)
-            return zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+            if offset not in self._offset_zones:  # a site's encounters share one or two offsets
+                zone = timezone(offset)
+                self._offset_zones[offset] = zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+            return self._offset_zones[offset]
         if self._site_zone is not None:
             return self._site_zone, f"{self.rules.time_zone} (the site time zone, site.yaml)"
         return None, ""
 
     def invalid_values(
         self, enc: Entry, claim: Entry | None, coverage: Resource | None, cov_key: str | None, cov_context: Entry | None
-    ) -> Iterator[InputProblem]:
+    ) -> list[InputProblem]:
         """Values the rules read from the Encounter, the Claim and the Coverage that FHIR does
         not allow: a status outside its value set, a date or dateTime that is none."""
-        checks: list[tuple[Entry | None, str, str, Any, str]] = []
+        out: list[InputProblem] = []
         res = enc.resource
         period = _object(res.get("period"))
-        checks += [(enc, enc.key, "Encounter.status", res.get("status"), "status")]
-        checks += [(enc, enc.key, f"Encounter.period.{k}", period.get(k), "dateTime") for k in ("start", "end")]
+        status = res.get("status")
+        if status not in ENCOUNTER_STATUSES:
+            out.append(_code_problem(enc, enc.key, "Encounter.status", status))
+        for element, value in (("Encounter.period.start", period.get("start")), ("Encounter.period.end", period.get("end"))):
+            if _invalid_time(value, "dateTime"):
+                out.append(_time_problem(enc, enc.key, element, value, "dateTime"))
         if claim is not None:
-            checks.append((claim, claim.key, "Claim.status", claim.resource.get("status"), "claim-status"))
+            status = claim.resource.get("status")
+            if status not in CLAIM_STATUSES:
+                out.append(_code_problem(claim, claim.key, "Claim.status", status))
             for n, item in enumerate(claim.resource.get("item") or ()):
-                if isinstance(item, dict):
-                    checks.append((claim, claim.key, f"Claim.item[{n}].servicedDate", item.get("servicedDate"), "date"))
+                if isinstance(item, dict) and _invalid_time(item.get("servicedDate"), "date"):
+                    element = f"Claim.item[{n}].servicedDate"  # named only when wrong: a claim has many lines
+                    out.append(_time_problem(claim, claim.key, element, item.get("servicedDate"), "date"))
         if coverage is not None and cov_key is not None:
             cov_period = _object(coverage.get("period"))
-            checks.append((cov_context, cov_key, "Coverage.status", coverage.get("status"), "coverage-status"))
-            checks += [(cov_context, cov_key, f"Coverage.period.{k}", cov_period.get(k), "dateTime") for k in ("start", "end")]
-        allowed = {"status": ENCOUNTER_STATUSES, "claim-status": CLAIM_STATUSES, "coverage-status": COVERAGE_STATUSES}
-        for entry, key, element, value, kind in checks:
-            source = entry.source if entry is not None else ""
-            if kind in allowed:
-                if value not in allowed[kind]:
-                    yield InputProblem(source, key, element, str(value), f"{value!r} is not a code of the {element} value set")
-            elif value is not None and not (_valid_datetime(value) and (kind != "date" or len(str(value)) == 10)):
-                yield InputProblem(source, key, element, str(value), f"{value!r} is not a FHIR {kind}")
+            status = coverage.get("status")
+            if status not in COVERAGE_STATUSES:
+                out.append(_code_problem(cov_context, cov_key, "Coverage.status", status))
+            for element, value in (("Coverage.period.start", cov_period.get("start")), ("Coverage.period.end", cov_period.get("end"))):
+                if _invalid_time(value, "dateTime"):
+                    out.append(_time_problem(cov_context, cov_key, element, value, "dateTime"))
+        return out
 
     def _status_class(self, status: Any) -> str | None:
         """counted | review | invalid, or None for a record that is no session at all."""
@@ -526,7 +616,7 @@ class _Builder:
         sessions = []
         for proc in self._procedures_by_encounter.get(enc_key, ()):
             res = proc.resource
-            if not any(code in self.rules.ot_codes for code in _keyed(res.get("code"), self.rules)):
+            if self.rules.ot_codes.isdisjoint(_keyed(res.get("code"), self.rules)):
                 continue
             status = res.get("status")
             status_class = self._status_class(status)
@@ -569,7 +659,8 @@ class _Builder:
                     date_uncertain=uncertain,
                 )
             )
-        sessions.sort(key=lambda s: (s.start or "", s.procedure))
+        if len(sessions) > 1:
+            sessions.sort(key=lambda s: (s.start or "", s.procedure))
         return _fold_overlaps(sessions)
 
     def services(
@@ -588,8 +679,8 @@ class _Builder:
             res = proc.resource
             if res.get("status") not in self.rules.counted_session_statuses:
                 continue
-            codes = list(_keyed(res.get("code"), self.rules))
-            if any(code in self.rules.ot_codes for code in codes):
+            codes = _keyed(res.get("code"), self.rules)
+            if not self.rules.ot_codes.isdisjoint(codes):
                 continue
             for code in codes:
                 kind = self.rules.services.get(code)
@@ -633,7 +724,7 @@ class _Builder:
     def payer(self, coverage: Resource | None, context: Entry | None) -> tuple[str, str | None, PayerPolicy | None]:
         if coverage is None:
             return "unknown", None, None
-        sopt = {c for s, c in (code for concept in [coverage.get("type")] for code in _keyed(concept, self.rules)) if s == "sopt"}
+        sopt = frozenset(c for s, c in _keyed(coverage.get("type"), self.rules) if s == "sopt")
         names: list[str] = []
         identifiers: set[str] = set()
         states: set[str] = set()
@@ -642,19 +733,42 @@ class _Builder:
                 continue
             org = self.index.resolve(ref, context) if context else None
             if org and org.get("resourceType") == "Organization":
-                if org.get("name"):
-                    names.append(str(org["name"]))
-                names.extend(str(a) for a in org.get("alias") or ())
-                identifiers.update(str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict))
-                states.update(
-                    str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")
-                )
+                org_names, org_identifiers, org_states = self._organization(org)
+                names.extend(org_names)
+                identifiers.update(org_identifiers)
+                states.update(org_states)
             if ref.get("display"):
                 names.append(str(ref["display"]))
             ident = ref.get("identifier")
             if isinstance(ident, dict) and ident.get("value"):
                 identifiers.add(str(ident["value"]))
-        lowered = [n.lower() for n in names]
+        display = names[0] if names else None
+        policy = self._policy(sopt, tuple([n.lower() for n in names]), frozenset(identifiers), frozenset(states))
+        if policy is None:
+            return "unknown", display, None
+        return policy.key, display or policy.name, policy
+
+    def _organization(self, org: Resource) -> tuple[list[str], list[str], list[str]]:
+        """A payer Organization's names, identifiers and states, read once: every Coverage of a
+        partition names one of a few payers. Memoised by identity, keeping the resource alive."""
+        known = self._organizations.get(id(org))
+        if known is not None and known[0] is org:
+            return known[1]
+        names = [str(org["name"])] if org.get("name") else []
+        names.extend(str(a) for a in org.get("alias") or ())
+        identifiers = [str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict)]
+        states = [str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")]
+        self._organizations[id(org)] = (org, (names, identifiers, states))
+        return names, identifiers, states
+
+    def _policy(
+        self, sopt: frozenset[str], lowered: tuple[str, ...], identifiers: frozenset[str], states: frozenset[str]
+    ) -> PayerPolicy | None:
+        """The payer policy of a Coverage's type and payer names, identifiers and states: worked
+        out once per partition for each payer, as most coverages name one of a few."""
+        memo = (sopt, lowered, identifiers, states)
+        if memo in self._policies:
+            return self._policies[memo]
         markets = {m for m in (self.rules.market_of(code) for code in sopt) if m}
         # A policy belongs to one plan (g0129-rules.md §13): matched by the payer's identifier,
         # else by name and state, else by name, else by the Coverage's type; among equals the
@@ -676,10 +790,8 @@ class _Builder:
                 score = 1
             if (score, len(needle)) > best[:2] and score:
                 best = (score, len(needle), policy)
-        display = names[0] if names else None
-        if best[2] is None:
-            return "unknown", display, None
-        return best[2].key, display or best[2].name, best[2]
+        self._policies[memo] = best[2]
+        return best[2]
 
     def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
         if claim is not None:
@@ -706,10 +818,14 @@ class _Builder:
         return None
 
     def _pick_dx(self, concept: Any, source: str) -> Diagnosis | None:
-        codes = list(_keyed(concept, self.rules))
+        codes = _keyed(concept, self.rules)
         if not codes:
             return None
-        system, code = next(((s, c) for s, c in codes if s == "icd10cm"), codes[0])
+        system, code = codes[0]
+        for candidate in codes:
+            if candidate[0] == "icd10cm":
+                system, code = candidate
+                break
         return Diagnosis(system or None, code, source)
 
     def bill_type(self, claim: Entry | None) -> tuple[str | None, str | None]:
@@ -717,7 +833,7 @@ class _Builder:
             return None, None
         res = claim.resource
         for info in res.get("supportingInfo") or ():
-            if isinstance(info, dict) and any(c == "typeofbill" for _, c in codings(info.get("category"))):
+            if isinstance(info, dict) and "typeofbill" in [c for _, c in codings(info.get("category"))]:
                 for _, code in codings(info.get("code")):
                     return _normalise_tob(code), "supportingInfo"
         for system, code in _keyed(res.get("subType"), self.rules):
@@ -727,31 +843,47 @@ class _Builder:
 
     def documentation(self, enc_key: str, patient: str | None, sessions: tuple[Session, ...]) -> dict[str, bool]:
         present = {}
+        resources = [s.resource for s in sessions]
+        credentialed = bool(sessions) and all(
+            s.performers and all(p.discipline in ("OT", "OTA") for p in s.performers) for s in sessions
+        )
         for element in self.rules.documentation:
             ok = False
             for ev in element.evidence:
                 if ev.kind == "session":
-                    ok = bool(sessions) and all(_has_path(s.resource, ev.path) for s in sessions)
+                    ok = bool(resources) and all([_has_path(r, ev.path) for r in resources])
                 elif ev.kind == "performers_credentialed":
-                    ok = bool(sessions) and all(
-                        s.performers and all(p.discipline in ("OT", "OTA") for p in s.performers) for s in sessions
-                    )
+                    ok = credentialed
+                elif ev.link == "encounter":
+                    ok = self._evidenced(self._by_encounter.get((ev.resource_type, enc_key), ()), ev.codes)
                 else:
-                    key = (ev.resource_type, enc_key if ev.link == "encounter" else (patient or ""))
-                    pool = (self._by_encounter if ev.link == "encounter" else self._by_patient).get(key, ())
-                    ok = any(
-                        not ev.codes or any(c in ev.codes for c in self._resource_codes(e.resource)) for e in pool
-                    )
+                    ok = self._evidenced(self._by_patient.get((ev.resource_type, patient or ""), ()), ev.codes)
                 if ok:
                     break
             present[element.key] = ok
         return present
 
-    def _resource_codes(self, res: Resource) -> Iterator[Code]:
-        for name in ("code", "type"):
-            yield from _keyed(res.get(name), self.rules)
-        for concept in res.get("category") or ():
-            yield from _keyed(concept, self.rules)
+    def _evidenced(self, pool: Collection[Entry], codes: frozenset[Code]) -> bool:
+        """Whether a resource of the pool is evidence: any, or one with one of the codes."""
+        if not codes:
+            return bool(pool)
+        for entry in pool:
+            if not codes.isdisjoint(self._evidence_codes_of(entry)):
+                return True
+        return False
+
+    def _evidence_codes_of(self, entry: Entry) -> frozenset[Code]:
+        """The codes a documentation resource is recognised by; read once, as a patient's
+        resources are looked at again for each of the patient's encounters."""
+        codes = self._evidence_codes.get(entry)
+        if codes is None:
+            res = entry.resource
+            found = _keyed(res.get("code"), self.rules) + _keyed(res.get("type"), self.rules)
+            category = res.get("category")
+            for concept in category if isinstance(category, list) else ():
+                found.extend(_keyed(concept, self.rules))
+            codes = self._evidence_codes[entry] = frozenset(found)
+        return codes
 
     # -- the case -------------------------------------------------------------------------------
 
@@ -773,18 +905,16 @@ class _Builder:
             return None
         patient = self._key_of(res.get("subject"), enc)
         claim_lines = self.claim_lines(view) if view else ()
-        counted = tuple(s for s in sessions if s.counts)
-        first_date = min((s.service_date for s in counted if s.service_date), default=encounter_date)
+        counted = tuple([s for s in sessions if s.counts])
+        dates = [s.service_date for s in counted if s.service_date]
+        first_date = min(dates) if dates else encounter_date
         cov_key, coverage, cov_context = self.coverage(view, patient, first_date)
         payer, payer_name, policy = self.payer(coverage, cov_context)
         period = _object((coverage or {}).get("period"))
         problems.extend(self.invalid_values(enc, view, coverage, cov_key, cov_context))
-        cls = res.get("class")
-        encounter_class = (
-            next((c for s, c in _keyed({"coding": [cls]}, self.rules) if s == "act_code"), None)
-            if isinstance(cls, dict)
-            else None
-        )
+        cls = res.get("class")  # a Coding, not a CodeableConcept
+        class_codes = _keyed({"coding": [cls]}, self.rules) if isinstance(cls, dict) else []
+        encounter_class = class_codes[0][1] if class_codes and class_codes[0][0] == "act_code" else None
         bill_type, bill_type_source = self.bill_type(view)
         qualifying = tuple(s for s in counted if s.minutes is not None and s.minutes >= self.rules.minimum_minutes)
         return Case(
@@ -820,6 +950,21 @@ class _Builder:
         )
 
 
+def _invalid_time(value: Any, kind: str) -> bool:
+    """Whether a date (kind "date") or dateTime element holds what FHIR does not allow; absent is fine."""
+    return value is not None and not (_valid_datetime(value) and (kind != "date" or len(str(value)) == 10))
+
+
+def _code_problem(entry: Entry | None, key: str, element: str, value: Any) -> InputProblem:
+    source = entry.source if entry is not None else ""
+    return InputProblem(source, key, element, str(value), f"{value!r} is not a code of the {element} value set")
+
+
+def _time_problem(entry: Entry | None, key: str, element: str, value: Any, kind: str) -> InputProblem:
+    source = entry.source if entry is not None else ""
+    return InputProblem(source, key, element, str(value), f"{value!r} is not a FHIR {kind}")
+
+
 def _normalise_tob(code: str) -> str:
     code = code.strip()
     # NUBC writes the type of bill with a leading zero (0131); the rules read the 3 digits.
@@ -846,6 +991,8 @@ def _fold_overlaps(sessions: list[Session]) -> tuple[Session, ...]:
     gives two sessions at once. The longest record stands for it (then the earliest, then the
     Procedure id); the others are kept, marked as its duplicates, so the finding can name them.
     """
+    if len(sessions) < 2:  # most encounters have one session: nothing to fold
+        return tuple(sessions)
     timed = [
         (n, s, _parse_instant(s.start), _parse_instant(s.end))
         for n, s in enumerate(sessions)

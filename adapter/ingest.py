@@ -174,6 +174,9 @@ class Index:
 
 
 def type_id_tail(ref: str) -> str:
+    if ref.count("/") == 1 and not ref.endswith("/") and "?" not in ref:
+        # Already `Type/id`, as nearly every reference is: resolution asks this for each one.
+        return ref
     parts = ref.split("?")[0].rstrip("/").split("/")
     if len(parts) >= 4 and parts[-2] == "_history":
         parts = parts[:-2]

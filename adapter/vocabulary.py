@@ -150,14 +150,16 @@ def is_candidate_claim(claim: Resource, rules: RuleSet) -> bool:
         return False
     claim_type = claim.get("type")
     codings = claim_type.get("coding") if isinstance(claim_type, dict) else None
-    return any(
-        isinstance(c, dict) and rules.system_key(c.get("system")) == "claim_type" and c.get("code") == "institutional"
-        for c in codings or ()
-    )
+    for c in codings or ():  # a loop, not any(): this is asked of every Claim of every case
+        if isinstance(c, dict) and rules.system_key(c.get("system")) == "claim_type" and c.get("code") == "institutional":
+            return True
+    return False
 
 
 def _marked(element: Any, url: str) -> bool:
-    return isinstance(element, dict) and any(isinstance(e, dict) and e.get("url") == url for e in element.get("extension") or ())
+    extensions = element.get("extension") if isinstance(element, dict) else None
+    # Most elements have no extension: asked of every line of every Claim read.
+    return any(isinstance(e, dict) and e.get("url") == url for e in extensions) if extensions else False
 
 
 def ehr_view(claim: Resource) -> Resource:
