@@ -172,6 +172,22 @@ def test_unknown_performer_is_review(ruleset: RuleSet) -> None:
     assert "performer_qualification:Procedure/s1" in d.missing_data
 
 
+@pytest.mark.parametrize("bad", [{"system": NUCC, "code": "225X00000X"}, [{"system": {"url": NUCC}, "code": "225X00000X"}]])
+def test_a_malformed_coding_is_read_as_none_not_a_crash(ruleset: RuleSet, bad: object) -> None:
+    # `coding` must be an array of Codings with a string system; anything else tells nothing.
+    r = php_day()
+    r["ot"]["qualification"][0]["code"]["coding"] = bad
+    assert findings(decision_of(r, ruleset), "PERFORMER") == [("review", "Procedure/s1")]
+
+
+def test_a_reference_that_is_not_a_string_refers_to_nothing(ruleset: RuleSet) -> None:
+    r = php_day()
+    extra = {**r["session"], "id": "s2", "encounter": {"reference": {"id": "e1"}}}
+    r["extra"] = extra
+    d = decision_of(r, ruleset)
+    assert [line.code for line in d.lines].count("G0129") == 1, "the session of no encounter is not billed"
+
+
 def test_practitioner_role_specialty_counts(ruleset: RuleSet) -> None:
     r = php_day()
     del r["ot"]["qualification"]
