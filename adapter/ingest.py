@@ -26,6 +26,7 @@ from .fhir_models import is_resource_type
 __all__ = [
     "Entry",
     "Index",
+    "check_resource",
     "load_bytes",
     "load_value",
     "load_file",
@@ -183,7 +184,9 @@ def type_id_tail(ref: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _check_resource(value: Any, source: str) -> Resource:
+def check_resource(value: Any, source: str) -> Resource:
+    """`value`, if it is a FHIR resource we can read (an object with an R4 resourceType and a
+    string id, if any); else raises the InputError saying why not."""
     if not isinstance(value, dict):
         raise NotFHIR(f"expected a JSON object, got {type(value).__name__}", source)
     rtype = value.get("resourceType")
@@ -217,7 +220,7 @@ def _walk(resource: Resource, source: str, full_url: str | None, out: list[Entry
         if inner is None:
             continue  # response-only or GET entries carry no resource
         try:
-            inner = _check_resource(inner, f"{source} Bundle.entry[{n}]")
+            inner = check_resource(inner, f"{source} Bundle.entry[{n}]")
         except InputError as exc:
             errors.append(exc)
             continue
@@ -230,7 +233,7 @@ def load_value(value: Any, source: str) -> tuple[list[Entry], list[InputError]]:
     errors: list[InputError] = []
     entries: list[Entry] = []
     try:
-        resource = _check_resource(value, source)
+        resource = check_resource(value, source)
     except InputError as exc:
         return [], [exc]
     _walk(resource, source, None, entries, errors)

@@ -28,7 +28,18 @@ from . import jsonio
 from .compartment import SHARED, patient_key, route
 from .errors import InputError
 from .fhir_models import load_claim_models
-from .ingest import DEFAULT_MAX_FILE_BYTES, NDJSON_SUFFIXES, Entry, Index, Span, Value, load_value, ndjson_spans, read_file
+from .ingest import (
+    DEFAULT_MAX_FILE_BYTES,
+    NDJSON_SUFFIXES,
+    Entry,
+    Index,
+    Span,
+    Value,
+    check_resource,
+    load_value,
+    ndjson_spans,
+    read_file,
+)
 from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
 from .ruleset import RuleSet
@@ -194,10 +205,14 @@ def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | Non
     are looked at); a Bundle is parsed again exactly, so its entries are written with every digit."""
     if isinstance(value, InputError):
         return [], [value]
-    single = value.raw is not None and isinstance(value.value, dict) and value.value.get("resourceType") != "Bundle"
-    document = value.value if single or value.raw is None else jsonio.loads(value.raw)
+    if value.raw is not None and isinstance(value.value, dict) and value.value.get("resourceType") != "Bundle":
+        try:
+            return [(Entry(check_resource(value.value, value.source), value.source), value.raw)], []
+        except InputError as exc:
+            return [], [exc]
+    document = value.value if value.raw is None else jsonio.loads(value.raw)
     entries, errors = load_value(document, value.source)
-    return [(e, value.raw if single else None) for e in entries], errors
+    return [(e, None) for e in entries], errors
 
 
 def decide(plan: Plan, partition: int, rules: RuleSet, validation: Validation) -> tuple[Index, RunResult]:
