@@ -53,7 +53,7 @@ PARTITION_BYTES = 4 << 20
 MAX_PARTITIONS = 4096
 # What one routing task reads: large enough that a task's overhead is nothing, small enough
 # that a big export's files keep every worker busy.
-PIECE_BYTES = 8 << 20
+PIECE_BYTES = 2 << 20
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -282,6 +282,9 @@ def _in_order(function: Callable[[_T], _R], items: Sequence[_T], workers: int) -
         for item in items:
             yield _without_gc(function, item)
         return
+    # What the workers inherit is kept out of their collector's way: a collection walking it
+    # would write to every object's header and copy each page of it into each worker.
+    gc.freeze()
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque[Future[_R]] = deque()
