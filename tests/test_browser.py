@@ -52,6 +52,14 @@ pytestmark = [
 ]
 
 
+def arrives(browser: Any, path: str) -> None:
+    """Wait for the page a form posted to (the POST answers 303): a click returns before the
+    browser has followed the redirect."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda b: b.current_url.endswith(path), f"never reached {path}")
+
+
 @pytest.fixture(scope="module")
 def page_adapter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adapter]:
     team = {"resourceType": "Organization", "id": OWNER.split("/")[1], "active": True, "name": "Billing office (G0129 review)"}
@@ -95,7 +103,7 @@ def test_a_biller_approves_a_review_item_in_the_browser(page_adapter: Adapter, b
     browser.find_element(By.NAME, "name").send_keys("Dana Biller")
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    assert browser.current_url.endswith("/review")
+    arrives(browser, "/review")
     assert "Signed in as Dana Biller" in browser.page_source
     link = browser.find_element(By.LINK_TEXT, f"Claim/{prefix}-claim")
     row = link.find_element(By.XPATH, "./ancestor::tr")
@@ -107,7 +115,7 @@ def test_a_biller_approves_a_review_item_in_the_browser(page_adapter: Adapter, b
     link.click()
     assert f"Review Claim/{prefix}-claim" in browser.page_source
     browser.find_element(By.XPATH, "//button[@value='approve']").click()
-    assert browser.current_url.endswith("/review")
+    arrives(browser, "/review")
 
     c = wait_for("the approved Claim billed", lambda: (lambda c: c if g0129_lines(c) else None)(claim(prefix)), 60)
     assert decision_of(c, f"Encounter/{prefix}-enc")["outcome"] == "bill"
