@@ -22,7 +22,6 @@ failed, 2 usage or rule-table error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -271,6 +270,8 @@ def _bulk_files(args: argparse.Namespace, rules: RuleSet, stdout: IO[str], scrat
     if args.bulk_export is None:
         yield None
         return
+    import asyncio  # (an event loop, like the HTTP stack, only for the commands that talk to a server)
+
     from .bulk import bulk_export
     from .fhir_client import FHIRClient
 
@@ -307,6 +308,8 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
     pushed: list[bool] = []
     on_decided = None
     if args.fhir_base:
+        import asyncio
+
         def on_decided(index: Index, result: RunResult) -> None:
             pushed.append(asyncio.run(_push(args, index, result, rules, stdout, stderr)))
     with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout, sink.scratch) as export:
@@ -475,6 +478,8 @@ def _serve(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[
 
 
 def _subscribe(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO[str]) -> int:
+    import asyncio
+
     from .fhir_client import FHIRClient
     from .subscribe import SubscriptionResult, subscribe
 
