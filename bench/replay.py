@@ -16,7 +16,9 @@ On the same bytes, at `--ratio-size` encounters, it times:
   - floor:  read + `orjson.loads` of every line;
   - naive:  every line validated by its fhir.resources R4B model (`model_validate_json`);
   - replay: `g0129 replay --workers 1` (the default validation: what we add is validated), and
-            `--workers N` (N = the CPUs available);
+            `--workers N` (N = the CPUs available), each `--repeat` times (the median counts);
+  - N independent `replay --workers 1` started together: what N processes get from this
+            machine's cores, the ceiling for `--workers N`;
 and prints encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1`
 and prints its wall and CPU time per encounter and its peak RSS. Every replay is checked to
 have decided every encounter. Prints figures; asserts nothing about speed.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,6 +152,23 @@ def replay(folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
+def side_by_side(folder: Path, tmp: Path, k: int) -> float:
+    """Wall seconds for k independent `replay --workers 1` of the same input started together:
+    what k processes get from this machine's cores (shared caches, memory, a host's other
+    tenants), so the ceiling of `--workers k`."""
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "adapter.cli", "replay", str(folder), "--out", str(tmp / f"side-{i}"), "--no-progress", "--workers", "1"],
+            cwd=ROOT, stdout=subprocess.DEVNULL,
+        )
+        for i in range(k)
+    ]
+    if any(proc.wait() not in (0, 1) for proc in procs):
+        raise SystemExit("a side-by-side replay failed")
+    return time.perf_counter() - start
+
+
 def decided(out: Path) -> int:
     with open(out / "decisions.ndjson", "rb") as fh:
         return sum(1 for _ in fh)
@@ -159,6 +179,7 @@ def main() -> None:
     parser.add_argument("--ratio-size", type=int, default=10_000, help="encounters for the ratios (0: skip)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each replay for the ratios (their median is printed)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
@@ -172,15 +193,25 @@ def main() -> None:
             rates = {}
             rates["floor (orjson.loads)"] = n / floor(folder)
             rates["naive (R4B model_validate_json)"] = n / naive(folder)
-            for label, flags in (("replay --workers 1", ("--workers", "1")), (f"replay --workers {args.workers}", ("--workers", str(args.workers)))):
-                out = Path(tmp) / "out"
-                wall, cpu, _ = replay(folder, out, *flags)
-                assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
-                rates[f"{label} (CPU)"] = n / cpu
-                rates[f"{label} (wall)"] = n / wall
+            for workers in (1, args.workers):
+                runs = []
+                for _ in range(args.repeat):
+                    out = Path(tmp) / "out"
+                    runs.append(replay(folder, out, "--workers", str(workers)))
+                    assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+                rates[f"replay --workers {workers} (CPU)"] = n / statistics.median(cpu for _, cpu, _ in runs)
+                rates[f"replay --workers {workers} (wall)"] = n / statistics.median(wall for wall, _, _ in runs)
+            side = statistics.median(side_by_side(folder, Path(tmp), args.workers) for _ in range(args.repeat))
+            rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side
             base = rates["naive (R4B model_validate_json)"]
             for label, rate in rates.items():
-                print(f"  {label:<36} {rate:>9,.0f} enc/s  {rate / base:>6.2f}x naive")
+                print(f"  {label:<40} {rate:>9,.0f} enc/s  {rate / base:>6.2f}x naive")
+            one = rates["replay --workers 1 (wall)"]
+            print(
+                f"  scaling over one worker's wall rate: --workers {args.workers} {rates[f'replay --workers {args.workers} (wall)'] / one:.2f}x; "
+                f"{args.workers} independent replays side by side {rates[f'{args.workers} one-worker replays at once (wall)'] / one:.2f}x "
+                "(what this machine's cores give N processes: the ceiling)"
+            )
     if args.sizes:
         print(f"\n{'encounters':>10} {'MB':>7} {'wall s':>8} {'CPU ms/enc':>11} {'wall ms/enc':>12} {'peak RSS MB':>12}   (replay --workers 1)")
     for n in args.sizes:
