@@ -82,7 +82,5 @@ def _patient_reference(value: Any, local: Mapping[str, str]) -> str | None:
         return hit
     if ref.startswith("urn:"):
         return None  # a Patient entry of another file: not one we can tell
-    if ref.startswith("Patient/") and len(ref) > 8 and ref.find("/", 8) < 0 and "?" not in ref:
-        return ref  # the usual form, already its own tail: the routing pass meets it on every line
     tail = type_id_tail(ref)
     return tail if tail.startswith("Patient/") else None
