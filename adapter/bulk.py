@@ -287,7 +287,7 @@ def _outcomes(path: Path, url: str) -> list[InputError]:
             source = f"{url}:{number}"
             try:
                 outcome = jsonio.loads(line)
-            except orjson.JSONDecodeError:
+            except jsonio.JSONDecodeError:
                 errors.append(InputError("bulk export error file line is not JSON", source))
                 continue
             if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":

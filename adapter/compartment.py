@@ -12,11 +12,14 @@ fullUrl of the Patient entry). The elements are those of the FHIR R4 Patient com
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
+import msgspec
+
+from . import jsonio
 from .ingest import Entry, type_id_tail
 
-__all__ = ["SHARED", "SHARED_TYPES", "patient_key", "route"]
+__all__ = ["SHARED", "SHARED_TYPES", "patient_key", "route", "routing_view"]
 
 SHARED = ""  # the route of a resource that belongs to no patient
 
@@ -42,6 +45,32 @@ PATIENT_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Account": ("subject",),
 }
 _USUAL = ("subject", "patient", "beneficiary", "for")
+
+# The members of a resource `route` reads. msgspec decodes a JSON object into this TypedDict as
+# a dict of just these members, checking the syntax of the rest without building it: the routing
+# pass of a replay reads each resource 3-4x faster than a full parse.
+_RoutingView = TypedDict(  # type: ignore[misc]  # (the members are data, not literals)
+    "_RoutingView",
+    {name: object for name in ("resourceType", "id", *_USUAL, *(n for names in PATIENT_ELEMENTS.values() for n in names))},
+    total=False,
+)
+_VIEW = msgspec.json.Decoder(_RoutingView)
+
+
+def routing_view(data: bytes) -> Any:
+    """What `route` reads of a resource's JSON (`data`): a dict of its type, id and the members
+    that can name its patient; a JSON value that is not an object, whole (for the error saying
+    what it is). Raises `jsonio.JSONDecodeError` when `data` is not JSON, as `jsonio.loads` would."""
+    try:
+        if not data.isascii():
+            data.decode()  # skipped strings are not decoded: UTF-8 is checked here
+        return _VIEW.decode(data)
+    except msgspec.ValidationError:
+        return jsonio.loads(data)
+    except msgspec.DecodeError as exc:
+        raise jsonio.JSONDecodeError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise jsonio.JSONDecodeError(f"not UTF-8 at byte {exc.start}") from None
 
 
 def patient_key(entry: Entry) -> str:

@@ -417,7 +417,7 @@ def _resource_type(resource: Mapping[str, Any]) -> str:
 def _json(response: httpx.Response) -> dict[str, Any]:
     try:
         body = jsonio.loads(response.content)
-    except orjson.JSONDecodeError:
+    except jsonio.JSONDecodeError:
         raise FatalFHIRError(
             f"{response.request.method} {response.request.url}: answer is not JSON",
             status=response.status_code,

@@ -1,7 +1,7 @@
 """Raw FHIR JSON in, an index of resources out, with references resolved across all of it.
 
 Inputs are Bundles of any type, single resources, directories of them and NDJSON files. The
-hot path stays on plain dicts parsed by orjson: full model validation costs ~100x the parse
+hot path stays on plain dicts (parsed by `jsonio`): full model validation costs ~100x the parse
 (DESIGN.md), so it is kept for what we write back. Every resource keeps its raw JSON, so a
 write-back never drops an element the models do not know.
 
@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-
-import orjson
 
 from . import jsonio
 from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
@@ -260,7 +258,7 @@ def load_bytes(
 def _json_value(data: bytes, source: str, on_bytes: Callable[[int], None] | None) -> Value | InputError:
     try:
         return Value(source, jsonio.loads(data[3:] if data.startswith(b"\xef\xbb\xbf") else data))
-    except orjson.JSONDecodeError as exc:
+    except jsonio.JSONDecodeError as exc:
         return InvalidJSON(f"malformed JSON ({exc})", source)
     finally:
         if on_bytes is not None:
@@ -294,13 +292,12 @@ def _ndjson_values(
     source: str,
     on_bytes: Callable[[int], None] | None,
     pending: int = 0,
-    exact: bool = True,
+    parse: Callable[[bytes], Any] = jsonio.loads,
     first_line: int = 1,
 ) -> Iterator[Value | InputError]:
     """The JSON value of each NDJSON line (an int stands for a line too long to read, of that
-    length), the first being line `first_line` of the file. With `exact=False` decimals are read
-    as floats: for a reader that only looks at references and keeps the line's bytes (`Value.raw`)."""
-    parse = jsonio.loads if exact else orjson.loads
+    length), the first being line `first_line` of the file, as `parse` reads it (it raises
+    `jsonio.JSONDecodeError` for a line that is not JSON); the line's bytes are kept (`Value.raw`)."""
     for lineno, line in enumerate(lines, start=first_line):
         pending += line if isinstance(line, int) else len(line)
         if on_bytes is not None and pending >= _REPORT_EVERY:
@@ -316,7 +313,7 @@ def _ndjson_values(
             continue
         try:
             yield Value(where, parse(line), line)
-        except orjson.JSONDecodeError as exc:
+        except jsonio.JSONDecodeError as exc:
             yield InvalidJSON(f"malformed JSON ({exc})", where)
     if on_bytes is not None and pending:
         on_bytes(pending)
@@ -389,13 +386,13 @@ def read_file(
     path: Path,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
     on_bytes: Callable[[int], None] | None = None,
-    exact: bool = True,
+    parse: Callable[[bytes], Any] = jsonio.loads,
     span: Span | None = None,
 ) -> Iterator[Value | InputError]:
     """The JSON values of one input file, one by one. Only a regular file is read (a FIFO would
     hang the run, a device such as /dev/zero never ends); a JSON document over `max_bytes` is
     refused before it is read; NDJSON is read line by line, however large, each line up to
-    `max_bytes` (see `_ndjson_values` for `exact`), and only the lines of `span` when given."""
+    `max_bytes`, each read by `parse` (see `_ndjson_values`), and only the lines of `span` when given."""
     source = str(path)
     try:
         info = os.stat(path)
@@ -406,11 +403,11 @@ def read_file(
             with open(path, "rb") as fh:
                 if span is None:
                     lines = _bounded_lines(fh, max_bytes)
-                    yield from _ndjson_values(lines, source, on_bytes, exact=exact)
+                    yield from _ndjson_values(lines, source, on_bytes, parse=parse)
                 else:
                     fh.seek(span.start)
                     lines = _bounded_lines(fh, max_bytes, span.end - span.start)
-                    yield from _ndjson_values(lines, source, on_bytes, exact=exact, first_line=span.first_line)
+                    yield from _ndjson_values(lines, source, on_bytes, parse=parse, first_line=span.first_line)
             return
         if info.st_size > max_bytes:
             yield InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)

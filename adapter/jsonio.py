@@ -1,33 +1,27 @@
 """FHIR JSON in and out without losing a digit.
 
 FHIR decimals carry their precision in their text: a biller's `125.00` is not `125.0`, and a
-Claim we write back must say what the EHR wrote. orjson (the fast path) reads every decimal as a
-float, which forgets that text. So a document whose bytes hold a decimal number is read again by
-the standard library with each decimal kept as a `FhirDecimal`: a float (the rules compare it as
-a number) that remembers its text, which `dumps` writes back verbatim. Documents with no decimal,
-most of them, stay on orjson alone.
+Claim we write back must say what the EHR wrote. So `loads` reads each decimal as a
+`FhirDecimal`: a float (the rules compare it as a number) that remembers its text, which `dumps`
+writes back verbatim. msgspec hands the parser's own text of each non-integer number to a hook,
+so this costs one parse, no slower than orjson's that forgets the text; an integer too long for
+64 bits stays an exact int (orjson would make it a float), and `dumps` writes its digits too.
 
 Every reading and writing of FHIR JSON goes through `loads` and `dumps`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
+import msgspec
 import orjson
 
-__all__ = ["FhirDecimal", "copy", "dumps", "loads"]
+__all__ = ["FhirDecimal", "JSONDecodeError", "copy", "dumps", "loads"]
 
-# A number with a fraction or an exponent right after a JSON structural character. It may also
-# match inside a string (", 1.5"): then the exact reading runs for nothing, which is only slower.
-_DECIMAL = re.compile(rb"[:,\[]\s*-?[0-9]+(?:\.[0-9]|[eE])")
-# What every such number holds: a digit, then `.` and a digit, or `e`/`E`. Each pattern starts
-# with a literal, which the regular expression engine finds at memchr speed; `_DECIMAL` tries
-# at every `:` and `,` of a document and costs more than parsing it. Most documents hold none
-# of the three, and `_DECIMAL` is asked only about those that do.
-_MAYBE_DECIMAL = tuple(re.compile(p) for p in (rb"\.(?<=[0-9]\.)[0-9]", rb"e(?<=[0-9]e)[-+0-9]", rb"E(?<=[0-9]E)[-+0-9]"))
+
+class JSONDecodeError(ValueError):
+    """Not JSON: the message says what is wrong and at which byte."""
 
 
 class FhirDecimal(float):
@@ -45,21 +39,19 @@ class FhirDecimal(float):
         return self.text
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+_DECODER = msgspec.json.Decoder(float_hook=FhirDecimal)
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON (raises orjson.JSONDecodeError, a ValueError, when it is not valid JSON)."""
-    value = orjson.loads(data)
-    raw = data.encode() if isinstance(data, str) else data
-    if any(p.search(raw) for p in _MAYBE_DECIMAL) and _DECIMAL.search(raw):
-        # orjson has already judged the document valid JSON; this reading only keeps the text.
-        try:
-            return json.loads(raw, parse_float=FhirDecimal, parse_constant=_reject_constant)
-        except RecursionError:  # the standard library recurses: a document nested ~1,000 deep
-            raise orjson.JSONDecodeError("nested too deeply to be read", raw.decode(errors="replace")[:80], 0) from None
-    return value
+    """Parse JSON; raises JSONDecodeError when it is not valid JSON (UTF-8, no NaN, no BOM)."""
+    try:
+        return _DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise JSONDecodeError(str(exc)) from None
+    except UnicodeDecodeError as exc:  # a string holding bytes that are not UTF-8
+        raise JSONDecodeError(f"not UTF-8 at byte {exc.start}") from None
+    except RecursionError:  # a document nested thousands deep
+        raise JSONDecodeError("nested too deeply to be read") from None
 
 
 def _default(value: Any) -> Any:
@@ -70,7 +62,23 @@ def _default(value: Any) -> Any:
 
 def dumps(value: Any, option: int = 0) -> bytes:
     """JSON bytes of `value`, each FhirDecimal as it was written."""
-    return orjson.dumps(value, default=_default, option=option)
+    try:
+        return orjson.dumps(value, default=_default, option=option)
+    except TypeError:
+        # orjson refuses an integer beyond 64 bits: a decimal written with no fraction, rare
+        # enough that a second pass giving such integers as their digits costs nothing. (What
+        # else is not JSON fails again in that pass, with orjson's message.)
+        return orjson.dumps(_long_ints_as_text(value), default=_default, option=option)
+
+
+def _long_ints_as_text(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _long_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_long_ints_as_text(v) for v in value]
+    if type(value) is int and not -(1 << 63) <= value < 1 << 64:
+        return orjson.Fragment(str(value))
+    return value
 
 
 def copy(value: Any) -> Any:

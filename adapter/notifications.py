@@ -51,7 +51,7 @@ __all__ = [
 SOURCE = "request body"
 PATH = "request path"
 # Deep enough for any real resource (a Claim with its items and extensions, inside a Bundle, is
-# about 12), far below orjson's limits (1024 to read, 255 to write) and Python's recursion.
+# about 12), far below the limits of reading (Python's recursion, ~1,000) and orjson's writing (255).
 MAX_DEPTH = 64
 # Event numbers are FHIR integer64 (events-since-subscription-start, eventNumber).
 MAX_EVENT_NUMBER = 2**63 - 1
@@ -102,18 +102,16 @@ def parse_json(body: bytes, source: str = SOURCE) -> Any:
     """Parse a request body as FHIR JSON (`jsonio`): InvalidJSON when it is not JSON,
     InvalidResource when it nests deeper than MAX_DEPTH."""
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        value = jsonio.loads(body)
+    except jsonio.JSONDecodeError as exc:
         raise InvalidJSON(f"malformed JSON ({exc})", source) from None
     check_depth(value, source)
-    # Read again (orjson is fast) through the one door for FHIR JSON, which keeps each
-    # decimal's text (125.00 stays 125.00); its exact reading recurses, hence the check first.
-    return jsonio.loads(body)
+    return value
 
 
 def check_depth(value: Any, source: str = SOURCE, limit: int = MAX_DEPTH) -> None:
     """Raise InvalidResource when objects and arrays nest deeper than `limit`. Iterative, so
-    it is safe on any value orjson can read."""
+    it is safe on any value `jsonio` can read."""
     if not isinstance(value, (dict, list)):
         return
     stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import jsonio
-from .compartment import SHARED, patient_key, route
+from .compartment import SHARED, patient_key, route, routing_view
 from .errors import InputError
 from .fhir_models import load_claim_models
 from .ingest import (
@@ -163,7 +163,7 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
     shared: list[tuple[str, str | None, bytes]] = []
     errors: list[InputError] = []
     encounters = 0
-    for value in read_file(piece.path, max_file_bytes, exact=False, span=piece.span):
+    for value in read_file(piece.path, max_file_bytes, parse=routing_view, span=piece.span):
         found, errs = _resources(value)
         if errs:
             errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
@@ -201,8 +201,8 @@ def _spans(path: Path, size: int) -> list[Span | None]:
 
 def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | None]], list[InputError]]:
     """The resources of one value read, each with its JSON bytes when they can be kept as read
-    (an NDJSON line holding one resource, parsed without its decimals' text: only its references
-    are looked at); a Bundle is parsed again exactly, so its entries are written with every digit."""
+    (an NDJSON line holding one resource, of which only what routes it was read: `routing_view`);
+    a Bundle is parsed again whole, so its entries are written with every digit."""
     if isinstance(value, InputError):
         return [], [value]
     if value.raw is not None and isinstance(value.value, dict) and value.value.get("resourceType") != "Bundle":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from adapter.compartment import SHARED, route
+from adapter import jsonio
+from adapter.compartment import SHARED, route, routing_view
 from adapter.ingest import Entry
 
 
@@ -41,6 +43,29 @@ def entry(resource: dict[str, Any], full_url: str | None = None) -> Entry:
 )
 def test_route(resource: dict[str, Any], full_url: str | None, expected: str | None) -> None:
     assert route(entry(resource, full_url), {}) == expected
+    # A replay's routing pass reads only the members that route a resource: it routes the same.
+    padded = {"text": {"status": "generated", "div": "<div>1.5 {x}</div>"}, **resource, "extension": [{"valueDecimal": 2.50}]}
+    assert route(entry(routing_view(orjson.dumps(padded)), full_url), {}) == expected
+
+
+def test_the_routing_view_keeps_only_what_routes() -> None:
+    line = b'{"resourceType":"Coverage","id":"c1","status":"active","beneficiary":{"reference":"Patient/p1"},"subscriber":{"reference":"Patient/p0"},"costToBeneficiary":[{"valueMoney":{"value":20.00}}]}'
+    assert routing_view(line) == {"resourceType": "Coverage", "id": "c1", "beneficiary": {"reference": "Patient/p1"}, "subscriber": {"reference": "Patient/p0"}}
+    assert routing_view(b'["not", "a", "resource"]') == ["not", "a", "resource"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"1.", b"01", b".5", b"1e", b"NaN", b"Infinity", b"[1,]", b'{"a" 1}', b'"\\ud800"', b'"\\q"', b'"\t"', b'"\xff"', b"[", b'{"b":}'],
+)
+def test_the_routing_view_refuses_what_a_full_reading_refuses(bad: bytes) -> None:
+    # The members it skips are checked all the same (syntax, UTF-8): a line that passes routing
+    # is read again whole when its partition is decided, and must not fail there.
+    line = b'{"resourceType":"Procedure","text":' + bad + b',"subject":{"reference":"Patient/p1"}}'
+    with pytest.raises(jsonio.JSONDecodeError):
+        jsonio.loads(line)
+    with pytest.raises(jsonio.JSONDecodeError):
+        routing_view(line)
 
 
 def test_a_transaction_bundles_urn_reference_routes_with_its_patient_entry() -> None:

@@ -32,3 +32,20 @@ def test_documents_without_a_decimal_read_the_same(document: bytes) -> None:
     value = jsonio.loads(document)
     assert jsonio.dumps(value) == document
     assert not any(isinstance(v, jsonio.FhirDecimal) for v in value.values())
+
+
+def test_an_integer_beyond_64_bits_keeps_its_digits() -> None:
+    # A decimal written without a fraction: orjson alone would read it as a float (1.2345e+22).
+    document = b'{"valueDecimal":12345678901234567890123,"n":[-99999999999999999999,3]}'
+    assert jsonio.dumps(jsonio.loads(document)) == document
+
+
+@pytest.mark.parametrize("bad", [b'{"a":1', b'{"a":NaN}', b'\xef\xbb\xbf{}', b'{"a":"\xff"}', b'["\\ud800"]', b"[" * 5000 + b"]" * 5000])
+def test_what_is_not_json_raises_one_error(bad: bytes) -> None:
+    with pytest.raises(jsonio.JSONDecodeError):
+        jsonio.loads(bad)
+
+
+def test_dumps_still_refuses_what_is_not_json() -> None:
+    with pytest.raises(TypeError):
+        jsonio.dumps({"when": object()})
