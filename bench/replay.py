@@ -3,6 +3,11 @@
     python bench/replay.py                          # ratios at 10,000; memory at 10k, 100k, 1M
     python bench/replay.py --sizes 10000 100000     # memory and time per encounter at these sizes
     python bench/replay.py --ratio-size 2000 --sizes 2000
+    python bench/replay.py --python /opt/venv/bin/python   # the adapter installed there
+
+The replays run the adapter that `--python` (default: this interpreter) imports, from outside
+the source tree: an install from a wheel (`pip install .`, the image) runs the modules compiled
+by mypyc, an editable install the same code as pure Python. The first line says which.
 
 Generates N realistic PHP/IOP encounters as a FHIR Bulk Data export: one NDJSON file per
 resource type (Patient, Coverage, Condition, EpisodeOfCare, Encounter, Procedure, Goal,
@@ -130,19 +135,23 @@ def naive(folder: Path) -> float:
     return time.process_time() - start
 
 
-def compile_sources() -> None:
-    """Compile the adapter's modules to bytecode once, as installing it does (pip at install, the
-    image at build): with PYTHONDONTWRITEBYTECODE set, as on our CI machines, every replay
-    started from a source checkout would compile ~10k lines again (~0.2 s here)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "adapter")], check=True)
+def build_of(python: str) -> str:
+    """Which adapter `python` runs: where it is, and whether its hot modules are compiled. Its
+    modules are compiled to bytecode once, as installing does (pip at install, the image at
+    build): with PYTHONDONTWRITEBYTECODE set, as on our CI machines, every replay started from a
+    source checkout would compile ~10k lines again (~0.2 s here)."""
+    probe = "import adapter, adapter.case as c; print(adapter.__path__[0]); print(c.__file__)"
+    package, case = subprocess.run([python, "-c", probe], cwd="/", check=True, capture_output=True, text=True).stdout.split()
+    subprocess.run([python, "-m", "compileall", "-q", package], check=True)
+    return f"{'compiled by mypyc' if not case.endswith('.py') else 'pure Python'} ({package})"
 
 
-def replay(folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
+def replay(python: str, folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
     """`g0129 replay` in a fresh process: (wall s, CPU s of it and its workers, peak RSS KB of
     the largest process). Checks every encounter was decided."""
-    argv = [sys.executable, "-m", "adapter.cli", "replay", str(folder), "--out", str(out), "--no-progress", *flags]
+    argv = [python, "-m", "adapter.cli", "replay", str(folder), "--out", str(out), "--no-progress", *flags]
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, cwd=folder.parent, stdout=subprocess.DEVNULL)
     # wait4: this run's own figures (its workers' CPU included), not every child's so far.
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -152,15 +161,15 @@ def replay(folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
-def side_by_side(folder: Path, tmp: Path, k: int) -> float:
+def side_by_side(python: str, folder: Path, tmp: Path, k: int) -> float:
     """Wall seconds for k independent `replay --workers 1` of the same input started together:
     what k processes get from this machine's cores (shared caches, memory, a host's other
     tenants), so the ceiling of `--workers k`."""
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "adapter.cli", "replay", str(folder), "--out", str(tmp / f"side-{i}"), "--no-progress", "--workers", "1"],
-            cwd=ROOT, stdout=subprocess.DEVNULL,
+            [python, "-m", "adapter.cli", "replay", str(folder), "--out", str(tmp / f"side-{i}"), "--no-progress", "--workers", "1"],
+            cwd=tmp, stdout=subprocess.DEVNULL,
         )
         for i in range(k)
     ]
@@ -181,9 +190,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each replay for the ratios (their median is printed)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
+    parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
-    compile_sources()
+    print(f"adapter: {build_of(args.python)}")
     if args.ratio_size:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder, n = Path(tmp) / "export", args.ratio_size
@@ -197,11 +207,11 @@ def main() -> None:
                 runs = []
                 for _ in range(args.repeat):
                     out = Path(tmp) / "out"
-                    runs.append(replay(folder, out, "--workers", str(workers)))
+                    runs.append(replay(args.python, folder, out, "--workers", str(workers)))
                     assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
                 rates[f"replay --workers {workers} (CPU)"] = n / statistics.median(cpu for _, cpu, _ in runs)
                 rates[f"replay --workers {workers} (wall)"] = n / statistics.median(wall for wall, _, _ in runs)
-            side = statistics.median(side_by_side(folder, Path(tmp), args.workers) for _ in range(args.repeat))
+            side = statistics.median(side_by_side(args.python, folder, Path(tmp), args.workers) for _ in range(args.repeat))
             rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side
             base = rates["naive (R4B model_validate_json)"]
             for label, rate in rates.items():
@@ -219,7 +229,7 @@ def main() -> None:
             folder, out = Path(tmp) / "export", Path(tmp) / "out"
             folder.mkdir()
             size = generate(folder, n)
-            wall, cpu, rss = replay(folder, out, "--workers", "1")
+            wall, cpu, rss = replay(args.python, folder, out, "--workers", "1")
             assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
             print(f"{n:>10,} {size / 1e6:>7,.0f} {wall:>8.1f} {cpu / n * 1e3:>11.3f} {wall / n * 1e3:>12.3f} {rss / 1024:>12.0f}")
 
