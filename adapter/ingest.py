@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from . import jsonio
 from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
@@ -348,10 +348,10 @@ def load_file(
     return _entries_of(read_file(path, max_bytes, on_bytes))
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """Whole lines of an NDJSON file: bytes [start, end), the first being line `first_line`
-    (so an error names the line of the file, whichever part of it is being read)."""
+    (so an error names the line of the file, whichever part of it is being read). A tuple: it
+    goes to the routing processes by pickle, which mypyc's frozen dataclasses do not survive."""
 
     start: int
     end: int
