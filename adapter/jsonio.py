@@ -12,6 +12,7 @@ Every reading and writing of FHIR JSON goes through `loads` and `dumps`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -32,6 +33,8 @@ class FhirDecimal(float):
 
     def __new__(cls, text: str) -> FhirDecimal:
         number = super().__new__(cls, text)
+        if math.isinf(number):  # (msgspec reports it as the JSON's error, where it is)
+            raise ValueError(f"{text} is beyond the range of a number")
         number.text = text
         return number
 

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import jsonio
 from .compartment import SHARED, patient_key, route, routing_view
-from .errors import InputError
+from .errors import InputError, InvalidJSON
 from .fhir_models import load_claim_models
 from .ingest import (
     DEFAULT_MAX_FILE_BYTES,
@@ -124,7 +124,8 @@ def plan(
         for partition, records in routed.records.items():
             spill.append(partition, records)
         for source, full_url, raw in routed.shared:
-            shared.add(Entry(jsonio.loads(raw), source, full_url))
+            if (resource := _parse(raw, source, errors)) is not None:
+                shared.add(Entry(resource, source, full_url))
         errors.extend(routed.errors)
         encounters += routed.encounters
         if on_bytes is not None:
@@ -210,7 +211,10 @@ def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | Non
             return [(Entry(check_resource(value.value, value.source), value.source), value.raw)], []
         except InputError as exc:
             return [], [exc]
-    document = value.value if value.raw is None else jsonio.loads(value.raw)
+    unread: list[InputError] = []
+    document = value.value if value.raw is None else _parse(value.raw, value.source, unread)
+    if unread:
+        return [], unread
     entries, errors = load_value(document, value.source)
     return [(e, None) for e in entries], errors
 
@@ -218,9 +222,24 @@ def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | Non
 def decide(plan: Plan, partition: int, rules: RuleSet, validation: Validation) -> tuple[Index, RunResult]:
     """One partition through the one decision step, on top of the shared resources."""
     index = Index.over(plan.shared)
+    errors: list[InputError] = []
     for source, full_url, raw in plan.spill.read(partition):
-        index.add(Entry(jsonio.loads(raw), source, full_url))
-    return index, evaluate(index, rules, validation)
+        if (resource := _parse(raw, source, errors)) is not None:
+            index.add(Entry(resource, source, full_url))
+    result = evaluate(index, rules, validation)
+    result.errors[:0] = errors
+    return index, result
+
+
+def _parse(raw: bytes, source: str, errors: list[InputError]) -> Any:
+    """A routed resource read whole, or None with its error added to `errors`: routing read only
+    the members that route it, and checked the rest's syntax, but not yet that each number is
+    one (`1e400`)."""
+    try:
+        return jsonio.loads(raw)
+    except jsonio.JSONDecodeError as exc:
+        errors.append(InvalidJSON(f"malformed JSON ({exc})", source))
+        return None
 
 
 def part_of(index: Index, run: RunResult, shared: int) -> Part:

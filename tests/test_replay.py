@@ -125,3 +125,30 @@ def test_bad_workers_and_shards_are_usage_errors(tmp_path: Path, argv: list[str]
     option = argv[0]
     assert f"argument {option}:" in err.getvalue(), "argparse names the option at fault"
     assert not (tmp_path / "decisions.ndjson").exists(), "nothing is read or written"
+
+
+def test_a_number_beyond_range_is_that_lines_error_and_the_rest_is_decided(tmp_path: Path, small_partitions) -> None:
+    # Routing reads only the members that route a resource; a number beyond any double (1e400)
+    # in another member is found when its partition is read, and reported with its line there.
+    bundles = [p for p in sorted(FIXTURES.glob("*.json")) if ".expected." not in p.name and b"urn:uuid:" not in p.read_bytes()]
+    export = tmp_path / "export"
+    _bulk_export(bundles, export)
+    _, clean = replay(tmp_path / "clean", str(export), "--workers", "1")
+    claims = (export / "Claim.ndjson").read_bytes().splitlines(keepends=True)
+    bad_claim = claims[0].replace(b'"resourceType":"Claim","id":"', b'"resourceType":"Claim","id":"huge-').replace(b'"status":', b'"extension":[{"url":"https://ehr.example/x","valueDecimal":1e400}],"status":', 1)
+    assert b"1e400" in bad_claim
+    (export / "Claim.ndjson").write_bytes(b"".join([*claims[:2], bad_claim, *claims[2:]]))
+    organizations = (export / "Organization.ndjson").read_bytes()
+    (export / "Organization.ndjson").write_bytes(organizations + b'{"resourceType":"Organization","id":"far","extension":[{"url":"https://ehr.example/x","valueDecimal":-2E+999}]}\n')
+    bundle = b'{"resourceType":"Bundle","type":"collection","total":1e400}\n'
+    (export / "Bundle.ndjson").write_bytes(bundle)
+    for workers in ("1", "2"):
+        _, out = replay(tmp_path / f"out-{workers}", str(export), "--workers", workers)
+        errors = {e["source"]: e["message"] for e in map(orjson.loads, out["errors"].splitlines())}
+        assert set(errors) == {
+            f"{export / 'Claim.ndjson'}:3",
+            f"{export / 'Organization.ndjson'}:{len(organizations.splitlines()) + 1}",
+            f"{export / 'Bundle.ndjson'}:1",
+        }, errors
+        assert all("malformed JSON" in m and "beyond the range" in m for m in errors.values()), errors
+        assert (out["decisions"], out["claims"]) == (clean["decisions"], clean["claims"])
