@@ -63,14 +63,11 @@ def routing_view(data: bytes) -> Any:
     what it is). Raises `jsonio.JSONDecodeError` when `data` is not JSON, as `jsonio.loads` would."""
     try:
         if not data.isascii():
-            data.decode()  # skipped strings are not decoded: UTF-8 is checked here
+            data.decode()  # the strings the view skips are not decoded: UTF-8 is checked here
         return _VIEW.decode(data)
-    except msgspec.ValidationError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # Not an object, or not JSON: read whole, for the value or for jsonio's error.
         return jsonio.loads(data)
-    except msgspec.DecodeError as exc:
-        raise jsonio.JSONDecodeError(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise jsonio.JSONDecodeError(f"not UTF-8 at byte {exc.start}") from None
 
 
 def patient_key(entry: Entry) -> str:

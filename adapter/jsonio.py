@@ -7,7 +7,8 @@ writes back verbatim. msgspec hands the parser's own text of each non-integer nu
 so this costs one parse, no slower than orjson's that forgets the text; an integer too long for
 64 bits stays an exact int (orjson would make it a float), and `dumps` writes its digits too.
 
-Every reading and writing of FHIR JSON goes through `loads` and `dumps`.
+Every reading and writing of FHIR JSON goes through `loads` and `dumps` (but for replay's routing
+pass, which reads only what routes a resource, `compartment.routing_view`, and keeps its bytes).
 """
 
 from __future__ import annotations
