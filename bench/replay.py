@@ -24,10 +24,11 @@ On the same bytes, at `--ratio-size` encounters, it times:
             `--workers N` (N = the CPUs available);
   - N independent `replay --workers 1` started together: what N processes get from this
             machine's cores, the ceiling for `--workers N`;
-each `--repeat` times (the median counts: this machine's speed drifts, the naive path's most),
-and prints encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1`
-and prints its wall and CPU time per encounter and its peak RSS. Every replay is checked to
-have decided every encounter. Prints figures; asserts nothing about speed.
+in `--repeat` rounds of one run each (a round's figures are taken together, as this machine's
+speed drifts, and not the same for every measure: the naive path's most), and prints
+encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1` and prints
+its wall and CPU time per encounter and its peak RSS. Every replay is checked to have decided
+every encounter. Prints figures; asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--ratio-size", type=int, default=10_000, help="encounters for the ratios (0: skip)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each measure for the ratios (their median is printed)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians are printed)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
     args = parser.parse_args()
@@ -201,26 +202,30 @@ def main() -> None:
             folder.mkdir()
             size = generate(folder, n)
             print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
-            rates = {}
-            rates["floor (orjson.loads)"] = n / statistics.median(floor(folder) for _ in range(args.repeat))
-            rates["naive (R4B model_validate_json)"] = n / statistics.median(naive(folder) for _ in range(args.repeat))
-            for workers in (1, args.workers):
-                runs = []
-                for _ in range(args.repeat):
+            # Round by round, every measure once: a round's rates are taken together, so each
+            # ratio compares figures of the same minutes (the machine's speed drifts, and not the
+            # same for every measure), and the median of the rounds' ratios is printed.
+            rounds: list[dict[str, float]] = []
+            for _ in range(args.repeat):
+                rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
+                for workers in (1, args.workers):
                     out = Path(tmp) / "out"
-                    runs.append(replay(args.python, folder, out, "--workers", str(workers)))
+                    wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
                     assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
-                rates[f"replay --workers {workers} (CPU)"] = n / statistics.median(cpu for _, cpu, _ in runs)
-                rates[f"replay --workers {workers} (wall)"] = n / statistics.median(wall for wall, _, _ in runs)
-            side = statistics.median(side_by_side(args.python, folder, Path(tmp), args.workers) for _ in range(args.repeat))
-            rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side
-            base = rates["naive (R4B model_validate_json)"]
-            for label, rate in rates.items():
-                print(f"  {label:<40} {rate:>9,.0f} enc/s  {rate / base:>6.2f}x naive")
-            one = rates["replay --workers 1 (wall)"]
+                    rates[f"replay --workers {workers} (CPU)"] = n / cpu
+                    rates[f"replay --workers {workers} (wall)"] = n / wall
+                rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
+                rounds.append(rates)
+            print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round)")
+            for label in rounds[0]:
+                rate = statistics.median(r[label] for r in rounds)
+                ratio = statistics.median(r[label] / r["naive (R4B model_validate_json)"] for r in rounds)
+                print(f"  {label:<40} {rate:>9,.0f} enc/s  {ratio:>6.2f}x naive")
+            one, many = "replay --workers 1 (wall)", f"replay --workers {args.workers} (wall)"
+            side = f"{args.workers} one-worker replays at once (wall)"
             print(
-                f"  scaling over one worker's wall rate: --workers {args.workers} {rates[f'replay --workers {args.workers} (wall)'] / one:.2f}x; "
-                f"{args.workers} independent replays side by side {rates[f'{args.workers} one-worker replays at once (wall)'] / one:.2f}x "
+                f"  scaling over one worker's wall rate: --workers {args.workers} {statistics.median(r[many] / r[one] for r in rounds):.2f}x; "
+                f"{args.workers} independent replays side by side {statistics.median(r[side] / r[one] for r in rounds):.2f}x "
                 "(what this machine's cores give N processes: the ceiling)"
             )
     if args.sizes:
