@@ -23,8 +23,6 @@ from setuptools.command.build_ext import build_ext
 # Left as Python:
 # - adapter/jsonio.py: FhirDecimal subclasses float, which mypyc cannot compile.
 # - adapter/tables.py: pydantic models (mypyc's C for pydantic.main does not build).
-# - adapter/replay.py: its tests replace its functions and constants (monkeypatch), which
-#   compiled code would not see.
 # - the I/O edges (HTTP, the queue, the CLI): their time goes to the network and the disk.
 COMPILED = [
     "adapter/annotate.py",
@@ -34,6 +32,7 @@ COMPILED = [
     "adapter/fhir_models.py",
     "adapter/ingest.py",
     "adapter/pipeline.py",
+    "adapter/replay.py",
     "adapter/review.py",
     "adapter/rules.py",
     "adapter/ruleset.py",

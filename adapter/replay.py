@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import jsonio
 from .compartment import SHARED, patient_key, route, routing_view
@@ -59,7 +59,9 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-@dataclass(frozen=True, slots=True)
+# Shard and Piece go to the routing processes by pickle, which mypyc's frozen dataclasses do not
+# survive: one is a dataclass that is never assigned to, the other a tuple.
+@dataclass(slots=True, unsafe_hash=True)
 class Shard:
     """`--shard I/N`: the patients whose hash falls in shard `index` of `count`."""
 
@@ -134,8 +136,7 @@ def plan(
     return Plan(shared, spill, errors, len(files), encounters)
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
     """What one routing task reads: a file, or a span of an NDJSON file's lines."""
 
     path: Path

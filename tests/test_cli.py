@@ -396,7 +396,7 @@ def no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an input was read")
 
-    monkeypatch.setattr(adapter.replay, "read_file", fail)
+    monkeypatch.setattr(adapter.replay, "plan", fail)  # the routing pass, which reads every input
 
 
 def test_dry_run_without_a_server_is_refused_before_reading(tmp_path: Path, no_reading: None) -> None:
