@@ -52,8 +52,8 @@ def loads(data: bytes | str) -> Any:
         return _DECODER.decode(data)
     except msgspec.DecodeError as exc:
         raise JSONDecodeError(str(exc)) from None
-    except UnicodeDecodeError as exc:  # a string holding bytes that are not UTF-8
-        raise JSONDecodeError(f"not UTF-8 at byte {exc.start}") from None
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:  # bytes that are not UTF-8, a str with a lone surrogate
+        raise JSONDecodeError(f"not UTF-8 at {exc.start}") from None
     except RecursionError:  # a document nested thousands deep
         raise JSONDecodeError("nested too deeply to be read") from None
 

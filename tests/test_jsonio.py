@@ -40,8 +40,8 @@ def test_an_integer_beyond_64_bits_keeps_its_digits() -> None:
     assert jsonio.dumps(jsonio.loads(document)) == document
 
 
-@pytest.mark.parametrize("bad", [b'{"a":1', b'{"a":NaN}', b'{"a":[1e400]}', b'\xef\xbb\xbf{}', b'{"a":"\xff"}', b'["\\ud800"]', b"[" * 5000 + b"]" * 5000])
-def test_what_is_not_json_raises_one_error(bad: bytes) -> None:
+@pytest.mark.parametrize("bad", ['{"a":"\ud800"}', b'{"a":1', b'{"a":NaN}', b'{"a":[1e400]}', b'\xef\xbb\xbf{}', b'{"a":"\xff"}', b'["\\ud800"]', b"[" * 5000 + b"]" * 5000])
+def test_what_is_not_json_raises_one_error(bad: bytes | str) -> None:
     with pytest.raises(jsonio.JSONDecodeError):
         jsonio.loads(bad)
 
