@@ -126,8 +126,11 @@ def plan(
         for partition, records in routed.records.items():
             spill.append(partition, records)
         for source, full_url, raw in routed.shared:
-            if (resource := _parse(raw, source, errors)) is not None:
+            unread: list[InputError] = []
+            if (resource := _parse(raw, source, unread)) is not None:
                 shared.add(Entry(resource, source, full_url))
+            # Every shard keeps the shared resources: one reports a bad one.
+            errors.extend(e for e in unread if _reports(e, shard))
         errors.extend(routed.errors)
         encounters += routed.encounters
         if on_bytes is not None:
@@ -168,7 +171,7 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
     for value in read_file(piece.path, max_file_bytes, parse=routing_view, span=piece.span):
         found, errs = _resources(value)
         if errs:
-            errors.extend(e for e in errs if bucket(e.source, shard.count, 1)[0] == shard.index)
+            errors.extend(e for e in errs if _reports(e, shard))
         # (A value of one resource, an NDJSON line, has no other entry to refer to.)
         local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url} if len(found) > 1 else _NOTHING
         for entry, raw in found:
@@ -189,6 +192,11 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
 
 
 _NOTHING: dict[str, str] = {}
+
+
+def _reports(error: InputError, shard: Shard) -> bool:
+    """Whether this shard reports `error`: one shard of N does, by the hash of where it is."""
+    return bucket(error.source, shard.count, 1)[0] == shard.index
 
 
 def _spans(path: Path, size: int) -> list[Span | None]:

@@ -152,3 +152,6 @@ def test_a_number_beyond_range_is_that_lines_error_and_the_rest_is_decided(tmp_p
         }, errors
         assert all("malformed JSON" in m and "beyond the range" in m for m in errors.values()), errors
         assert (out["decisions"], out["claims"]) == (clean["decisions"], clean["claims"])
+    # Each shard reads the shared Organizations, and one of them reports the bad one.
+    reported = [orjson.loads(e)["source"] for index in range(3) for e in replay(tmp_path / f"shard-{index}", str(export), "--shard", f"{index}/3")[1]["errors"].splitlines()]
+    assert sorted(reported) == sorted(errors), "every error reported by exactly one shard"
