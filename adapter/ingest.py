@@ -10,6 +10,7 @@ One bad input never stops the others: `load_paths` returns the errors beside the
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -40,9 +41,9 @@ Resource = dict[str, Any]
 
 INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl")
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
-# How often (in bytes) NDJSON reading reports progress: often enough to move a display, seldom
-# enough to cost nothing next to parsing.
-_REPORT_EVERY = 1 << 16
+# NDJSON is read in blocks of this size, and progress reported after each: often enough to move
+# a display, seldom enough to cost nothing next to parsing.
+_BLOCK_BYTES = 1 << 16
 # How much of a file `ndjson_spans` looks at at once.
 _SCAN_BYTES = 1 << 20
 
@@ -248,8 +249,7 @@ def load_bytes(
     The numbers add up to `len(data)`.
     """
     if ndjson:
-        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-        values = _ndjson_values(data[bom:].splitlines(keepends=True), source, on_bytes, bom)
+        values = _ndjson_values(_bounded_lines(io.BytesIO(data), len(data), on_bytes=on_bytes), source)
     else:
         values = iter([_json_value(data, source, on_bytes)])
     return _entries_of(values)
@@ -290,8 +290,6 @@ class Value:
 def _ndjson_values(
     lines: Iterable[bytes | int],
     source: str,
-    on_bytes: Callable[[int], None] | None,
-    pending: int = 0,
     parse: Callable[[bytes], Any] = jsonio.loads,
     first_line: int = 1,
 ) -> Iterator[Value | InputError]:
@@ -299,10 +297,6 @@ def _ndjson_values(
     length), the first being line `first_line` of the file, as `parse` reads it (it raises
     `jsonio.JSONDecodeError` for a line that is not JSON); the line's bytes are kept (`Value.raw`)."""
     for lineno, line in enumerate(lines, start=first_line):
-        pending += line if isinstance(line, int) else len(line)
-        if on_bytes is not None and pending >= _REPORT_EVERY:
-            on_bytes(pending)
-            pending = 0
         where = f"{source}:{lineno}"
         if isinstance(line, int):
             yield InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", where)
@@ -315,8 +309,6 @@ def _ndjson_values(
             yield Value(where, parse(line), line)
         except jsonio.JSONDecodeError as exc:
             yield InvalidJSON(f"malformed JSON ({exc})", where)
-    if on_bytes is not None and pending:
-        on_bytes(pending)
 
 
 def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -402,12 +394,11 @@ def read_file(
         if path.suffix in NDJSON_SUFFIXES:
             with open(path, "rb") as fh:
                 if span is None:
-                    lines = _bounded_lines(fh, max_bytes)
-                    yield from _ndjson_values(lines, source, on_bytes, parse=parse)
+                    yield from _ndjson_values(_bounded_lines(fh, max_bytes, on_bytes=on_bytes), source, parse)
                 else:
                     fh.seek(span.start)
-                    lines = _bounded_lines(fh, max_bytes, span.end - span.start)
-                    yield from _ndjson_values(lines, source, on_bytes, parse=parse, first_line=span.first_line)
+                    lines = _bounded_lines(fh, max_bytes, span.end - span.start, on_bytes)
+                    yield from _ndjson_values(lines, source, parse, span.first_line)
             return
         if info.st_size > max_bytes:
             yield InputError(f"{info.st_size} bytes, over the limit of {max_bytes} (--max-file-bytes): not read", source)
@@ -423,28 +414,50 @@ def read_file(
     yield _json_value(data, source, on_bytes)
 
 
-def _bounded_lines(fh: IO[bytes], max_bytes: int, limit: int | None = None) -> Iterator[bytes | int]:
-    """Each line of `fh` (up to `limit` bytes of it, ending at a line end), or for a line over
-    `max_bytes` its length (the line itself is skipped without being held in memory)."""
+def _bounded_lines(
+    fh: IO[bytes], max_bytes: int, limit: int | None = None, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[bytes | int]:
+    """Each line of `fh` (up to `limit` bytes of it, ending at a line end) without its `\\n`, or
+    for a line over `max_bytes` its length with it (the line is skipped without being held in
+    memory). Read in blocks, which `on_bytes(n)` is told of; only `\\n` ends a line, as in
+    NDJSON (a `\\r` is whitespace of the line's JSON)."""
     left = limit
+    head: list[bytes] = []  # the start of a line that runs on past the blocks read so far
+    held = 0  # its length; once over max_bytes, its bytes are counted, no longer kept
     while left is None or left > 0:
-        line = fh.readline(max_bytes + 1)
-        if not line:
-            return
-        if len(line) > max_bytes and not line.endswith(b"\n"):
-            skipped = len(line)
-            while True:
-                rest = fh.readline(1 << 20)
-                skipped += len(rest)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            if left is not None:
-                left -= skipped
-            yield skipped
-            continue
+        block = fh.read(_BLOCK_BYTES if left is None else min(_BLOCK_BYTES, left))
+        if not block:
+            break
         if left is not None:
-            left -= len(line)
-        yield line
+            left -= len(block)
+        if on_bytes is not None:
+            on_bytes(len(block))
+        lines = block.split(b"\n")
+        rest = lines.pop()  # after the block's last line end: the start of the next line
+        for n, line in enumerate(lines):
+            if n == 0 and held:  # the end of the line the blocks before began
+                held += len(line)
+                if held <= max_bytes:
+                    head.append(line)
+                    line = b"".join(head)
+                head.clear()
+                if held > max_bytes:
+                    yield held + 1
+                    held = 0
+                    continue
+                held = 0
+            if len(line) > max_bytes:
+                yield len(line) + 1
+            else:
+                yield line
+        if rest:
+            held += len(rest)
+            if held <= max_bytes:
+                head.append(rest)
+            else:
+                head.clear()
+    if held:  # a last line with no line end
+        yield b"".join(head) if held <= max_bytes else held
 
 
 def load_paths(

@@ -44,16 +44,20 @@ from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
 from .ruleset import RuleSet
 from .sinks import error_record
-from .spill import Spill, bucket, record
+from .spill import Spill, bucket, record, write_piece
 
 __all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "plan", "route_piece", "run", "workers_default"]
 
 # A partition's share of the input: its resources, parsed, take ~10x this in memory.
 PARTITION_BYTES = 4 << 20
 MAX_PARTITIONS = 4096
-# What one routing task reads: large enough that a task's overhead is nothing, small enough
-# that a big export's files keep every worker busy.
-PIECE_BYTES = 2 << 20
+# What one routing task reads, at least: large enough that a task's overhead is nothing, small
+# enough that a small export's files keep every worker busy. A big export is cut into at most
+# about MAX_PIECES pieces, each writing a file that every partition is then read from, of at
+# most MAX_PIECE_BYTES: a task holds its piece's records in memory.
+PIECE_BYTES = 1 << 20
+MAX_PIECES = 256
+MAX_PIECE_BYTES = 32 << 20
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -106,9 +110,10 @@ def plan(
     """Read every input once, spilling each resource of this shard to its partition in
     `directory` and keeping the shared ones in memory.
 
-    The inputs are cut into pieces (a JSON file, or about `PIECE_BYTES` of an NDJSON file's
-    lines), routed by `workers` processes and taken back in input order: every partition gets
-    its resources in the order they were read, whatever the number of workers.
+    The inputs are cut into pieces (a JSON file, or a span of an NDJSON file's lines), routed by
+    `workers` processes, each writing the records of a piece to the piece's own file, and taken
+    back in input order: every partition gets its resources in the order they were read,
+    whatever the number of workers.
 
     An input error is kept by one shard only (by the hash of where it is), so N shards report
     each bad line once between them.
@@ -116,15 +121,18 @@ def plan(
     files = list(files)
     sizes = [_size(f) for f in files]
     partitions = max(1, min(MAX_PARTITIONS, -(-sum(sizes) // (PARTITION_BYTES * shard.count))))
+    piece_bytes = min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
     spill = Spill(directory, partitions)
     shared = Index()
     errors: list[InputError] = []
     encounters = 0
-    pieces = [Piece(path, span) for path, size in zip(files, sizes) for span in _spans(path, size)]
-    route = functools.partial(route_piece, partitions=partitions, shard=shard, max_file_bytes=max_file_bytes)
-    for routed in _in_order(route, pieces, workers):
-        for partition, records in routed.records.items():
-            spill.append(partition, records)
+    pieces: list[Piece] = []
+    for path, size in zip(files, sizes):
+        for span in _spans(path, size, piece_bytes):
+            pieces.append(Piece(path, span, len(pieces)))
+    route = functools.partial(route_piece, partitions=partitions, shard=shard, max_file_bytes=max_file_bytes, directory=directory)
+    for number, routed in enumerate(_in_order(route, pieces, workers)):
+        spill.add(number, routed.extents)
         for source, full_url, raw in routed.shared:
             unread: list[InputError] = []
             if (resource := _parse(raw, source, unread)) is not None:
@@ -135,15 +143,16 @@ def plan(
         encounters += routed.encounters
         if on_bytes is not None:
             on_bytes(routed.size)
-    spill.flush()
     return Plan(shared, spill, errors, len(files), encounters)
 
 
 class Piece(NamedTuple):
-    """What one routing task reads: a file, or a span of an NDJSON file's lines."""
+    """What one routing task reads: a file, or a span of an NDJSON file's lines; the `number`th
+    piece of the input, which names the file its records are written to."""
 
     path: Path
     span: Span | None = None
+    number: int = 0
 
     @property
     def size(self) -> int:
@@ -152,18 +161,19 @@ class Piece(NamedTuple):
 
 @dataclass
 class Routed:
-    """One piece routed: its records for each partition (in the order read), the shared
-    resources it holds, its input errors for this shard."""
+    """One piece routed: where its records for each partition are (written, in the order read,
+    by `spill.write_piece`), the shared resources it holds, its input errors for this shard."""
 
-    records: dict[int, bytes]
+    extents: dict[int, tuple[int, int]]
     shared: list[tuple[str, str | None, bytes]]  # (source, fullUrl, JSON)
     errors: list[InputError]
     encounters: int
     size: int
 
 
-def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int) -> Routed:
-    """Route the resources of one piece of input to their partitions (see `plan`)."""
+def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int, directory: Path) -> Routed:
+    """Route the resources of one piece of input to their partitions, written to the piece's
+    file in `directory` (see `plan`)."""
     records: dict[int, bytearray] = {}
     shared: list[tuple[str, str | None, bytes]] = []
     errors: list[InputError] = []
@@ -187,8 +197,8 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
             block = records.get(partition)
             if block is None:
                 block = records[partition] = bytearray()
-            block += record(entry.source, entry.full_url, data)
-    return Routed({p: bytes(b) for p, b in records.items()}, shared, errors, encounters, piece.size)
+            record(block, entry.source, entry.full_url, data)
+    return Routed(write_piece(directory, piece.number, records), shared, errors, encounters, piece.size)
 
 
 _NOTHING: dict[str, str] = {}
@@ -199,12 +209,12 @@ def _reports(error: InputError, shard: Shard) -> bool:
     return bucket(error.source, shard.count, 1)[0] == shard.index
 
 
-def _spans(path: Path, size: int) -> list[Span | None]:
-    """The pieces of one input file: an NDJSON file over `PIECE_BYTES` is cut at line ends."""
-    if size <= PIECE_BYTES or path.suffix not in NDJSON_SUFFIXES:
+def _spans(path: Path, size: int, piece_bytes: int) -> list[Span | None]:
+    """The pieces of one input file: an NDJSON file over `piece_bytes` is cut at line ends."""
+    if size <= piece_bytes or path.suffix not in NDJSON_SUFFIXES:
         return [None]
     try:
-        return list(ndjson_spans(path, PIECE_BYTES))
+        return list(ndjson_spans(path, piece_bytes))
     except OSError:
         return [None]  # an input error when it is read
 

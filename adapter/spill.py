@@ -1,25 +1,26 @@
 """Resources spilled to disk in partitions, so a replay holds one partition in memory at a time.
 
-A routing pass appends each resource to the partition of its patient; a partition is then read
+A routing pass sorts each resource to the partition of its patient; a partition is then read
 back whole and decided. A record (`record`) is two lines: a JSON header `[source, fullUrl]` and
 the resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written).
-Records are appended in blocks (one input piece's records for one partition), buffered and
-written in large writes: a million-encounter export spills ~10 GB through a few thousand files
-without holding more than the buffer.
+
+Each routing task writes the records of its piece of input to a file of its own, partition
+after partition (`write_piece`), and says where each partition's block lies; a partition is the
+blocks of every piece, read in the order of the pieces (`Spill.read`). So the routing processes
+write what they route themselves, nothing goes through the process that started them, and a
+partition's records are in the order they were read whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import orjson
 
-__all__ = ["Spill", "bucket", "record"]
-
-# Written out when the buffers of all partitions together pass this.
-_BUFFER_BYTES = 32 << 20
+__all__ = ["Spill", "bucket", "piece_path", "record", "write_piece"]
 
 
 def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
@@ -29,47 +30,70 @@ def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
     return h % shards, (h // shards) % partitions
 
 
-def record(source: str, full_url: str | None, resource: bytes) -> bytes:
-    """One resource as a partition holds it (`resource` is its JSON, with or without a line end)."""
-    return orjson.dumps([source, full_url]) + b"\n" + resource.rstrip(b"\r\n") + b"\n"
+def record(block: bytearray, source: str, full_url: str | None, resource: bytes) -> None:
+    """Add one resource to `block` as a partition holds it (`resource` is its JSON, with or
+    without a line end). Appended piece by piece: a record is never built on its own, since the
+    routing pass makes one for every resource of the input."""
+    block += orjson.dumps([source, full_url])
+    block += b"\n"
+    if resource.endswith(b"\n"):
+        block += memoryview(resource)[: -2 if resource.endswith(b"\r\n") else -1]
+    else:
+        block += resource
+    block += b"\n"
+
+
+def piece_path(directory: Path, piece: int) -> Path:
+    return directory / f"piece-{piece:06d}.spill"
+
+
+def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytearray]) -> dict[int, tuple[int, int]]:
+    """Write a routing task's records, `blocks[partition]` (made by `record`), to the file of
+    piece number `piece`; returns where each partition's block is: (offset, length)."""
+    extents: dict[int, tuple[int, int]] = {}
+    if not blocks:
+        return extents
+    offset = 0
+    with open(piece_path(directory, piece), "wb") as fh:
+        for partition in sorted(blocks):
+            block = blocks[partition]
+            fh.write(block)
+            extents[partition] = (offset, len(block))
+            offset += len(block)
+    return extents
 
 
 class Spill:
-    """`partitions` files in `directory`, appended to by `append`, read back by `read`."""
+    """`partitions` partitions, each the blocks the pieces `add`ed hold for it, read by `read`."""
 
     def __init__(self, directory: Path, partitions: int) -> None:
         self.directory = directory
         self.partitions = partitions
-        self._buffers: dict[int, bytearray] = {}
-        self._buffered = 0
+        self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (piece, offset, length)
         self.sizes = [0] * partitions
 
-    def path(self, partition: int) -> Path:
-        return self.directory / f"part-{partition:05d}.spill"
-
-    def append(self, partition: int, records: bytes) -> None:
-        """Add `records` (made by `record`) at the end of `partition`."""
-        buffer = self._buffers.get(partition)
-        if buffer is None:
-            buffer = self._buffers[partition] = bytearray()
-        buffer += records
-        self._buffered += len(records)
-        self.sizes[partition] += len(records)
-        if self._buffered >= _BUFFER_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        for partition, buffer in self._buffers.items():
-            with open(self.path(partition), "ab") as fh:
-                fh.write(buffer)
-        self._buffers.clear()
-        self._buffered = 0
+    def add(self, piece: int, extents: Mapping[int, tuple[int, int]]) -> None:
+        """Take piece `piece`'s blocks (`write_piece`'s result). Pieces are added in input
+        order: a partition's records are read back in the order of its blocks."""
+        for partition, (offset, length) in extents.items():
+            self._blocks[partition].append((piece, offset, length))
+            self.sizes[partition] += length
 
     def read(self, partition: int) -> Iterator[tuple[str, str | None, bytes]]:
         """Each record of a partition: (source, fullUrl, resource JSON)."""
         if not self.sizes[partition]:
             return
-        lines = self.path(partition).read_bytes().split(b"\n")
+        chunks = []
+        for piece, offset, length in self._blocks[partition]:
+            fd = os.open(piece_path(self.directory, piece), os.O_RDONLY)
+            try:
+                chunk = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+            if len(chunk) != length:
+                raise OSError(f"{piece_path(self.directory, piece)}: cut short while the replay ran")
+            chunks.append(chunk)
+        lines = b"".join(chunks).split(b"\n")
         for n in range(0, len(lines) - 1, 2):
             source, full_url = orjson.loads(lines[n])
             yield source, full_url, lines[n + 1]

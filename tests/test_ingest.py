@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import io
+import random
 from pathlib import Path
 
 import orjson
 import pytest
 
+import adapter.ingest
 from adapter.errors import InvalidJSON, InvalidResource, NotFHIR
-from adapter.ingest import Entry, Index, load_bytes, load_paths, ndjson_spans, read_file
+from adapter.ingest import Entry, Index, _bounded_lines, load_bytes, load_paths, ndjson_spans, read_file
 
 
 def _index(*resources: dict, bundle: dict | None = None) -> tuple[Index, list[Entry]]:
@@ -153,3 +156,23 @@ def test_spans_of_an_ndjson_file_read_as_the_whole_file(tmp_path: Path, size: in
     pieces = _sources([v for span in spans for v in read_file(path, max_bytes=200, span=span)])
     assert pieces == whole
     assert [s for s, _ in whole] == [f"{path}:{n}" for n in (1, 3, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64, 1 << 16])
+def test_ndjson_lines_are_cut_at_line_ends_only_whatever_the_blocks_read(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    # Lines of every length around the limit (10 bytes), a CR inside and before a line end, an
+    # empty line and a last line with no line end, read in blocks of every size: each line
+    # comes back whole without its line end, or as its length when over the limit, and every
+    # byte is reported read.
+    monkeypatch.setattr(adapter.ingest, "_BLOCK_BYTES", block)
+    rng = random.Random(block)
+    lines = [b"x" * rng.choice([0, 1, 9, 10, 11, 25]) + rng.choice([b"", b"\r", b"a\rb"]) for _ in range(200)]
+    data = b"\n".join(lines)
+    expected = [line if len(line) <= 10 else len(line) + (n < len(lines) - 1) for n, line in enumerate(lines)]
+    if not lines[-1]:
+        expected.pop()  # nothing after the last line end
+    reported: list[int] = []
+    assert list(_bounded_lines(io.BytesIO(data), 10, on_bytes=reported.append)) == expected
+    assert sum(reported) == len(data)
+    cut = data.index(b"\n", len(data) // 2) + 1  # a span ending at a line end
+    assert list(_bounded_lines(io.BytesIO(data), 10, cut)) == expected[: data[:cut].count(b"\n")]

@@ -1,29 +1,54 @@
-"""Partitions on disk: what goes in comes back byte for byte, in order, wherever it was buffered."""
+"""Partitions on disk: what goes in comes back byte for byte, in the order of the pieces."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import adapter.spill
-from adapter.spill import Spill, bucket, record
+import pytest
+
+from adapter.spill import Spill, bucket, piece_path, record, write_piece
 
 
-def test_records_come_back_as_written_in_order(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(adapter.spill, "_BUFFER_BYTES", 200)  # several flushes on the way
-    spill = Spill(tmp_path, 3)
+def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path) -> None:
+    # Three pieces routed (in any order, by any process), each to its own file; a partition
+    # reads its records piece after piece, line ends (LF, CRLF, none) gone.
     written: dict[int, list[tuple[str, str | None, bytes]]] = {0: [], 1: [], 2: []}
-    for n in range(40):
-        resource = b'{"resourceType":"Claim","id":"c%d","total":{"value":125.00}}' % n
-        full_url = f"https://ehr.example.org/fhir/Claim/c{n}" if n % 2 else None
-        spill.append(n % 3, record(f"claims.ndjson:{n}", full_url, resource + b"\r\n"))
-        written[n % 3].append((f"claims.ndjson:{n}", full_url, resource))
-    spill.flush()
+    extents = {}
+    for piece in (2, 0, 1):
+        blocks: dict[int, bytearray] = {}
+        for n in range(piece * 20, piece * 20 + 20):
+            resource = b'{"resourceType":"Claim","id":"c%d","total":{"value":125.00}}' % n
+            full_url = f"https://ehr.example.org/fhir/Claim/c{n}" if n % 2 else None
+            end = (b"\r\n", b"\n", b"")[n % 3]
+            if n % 5:  # partition 2 gets nothing from some pieces' first records
+                record(blocks.setdefault(n % 3, bytearray()), f"claims.ndjson:{n}", full_url, resource + end)
+        extents[piece] = write_piece(tmp_path, piece, blocks)
+    spill = Spill(tmp_path, 3)
+    for piece in (0, 1, 2):
+        spill.add(piece, extents[piece])
+    for n in range(60):
+        if n % 5:
+            resource = b'{"resourceType":"Claim","id":"c%d","total":{"value":125.00}}' % n
+            written[n % 3].append((f"claims.ndjson:{n}", f"https://ehr.example.org/fhir/Claim/c{n}" if n % 2 else None, resource))
     for partition in range(3):
         assert list(spill.read(partition)) == written[partition]
+    assert sum(spill.sizes) == sum(p.stat().st_size for p in tmp_path.iterdir())
 
 
-def test_an_empty_partition_reads_as_nothing(tmp_path: Path) -> None:
+def test_an_empty_partition_reads_as_nothing_and_an_empty_piece_writes_no_file(tmp_path: Path) -> None:
+    assert write_piece(tmp_path, 0, {}) == {}
+    assert not list(tmp_path.iterdir())
     assert list(Spill(tmp_path, 2).read(1)) == []
+
+
+def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) -> None:
+    block = bytearray()
+    record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
+    spill = Spill(tmp_path, 1)
+    spill.add(0, write_piece(tmp_path, 0, {0: block}))
+    piece_path(tmp_path, 0).write_bytes(bytes(block[:10]))
+    with pytest.raises(OSError, match="cut short"):
+        list(spill.read(0))
 
 
 def test_buckets_are_stable_across_processes_and_machines() -> None:
