@@ -27,8 +27,10 @@ On the same bytes, at `--ratio-size` encounters, it times:
 in `--repeat` rounds of one run each (a round's figures are taken together, as this machine's
 speed drifts, and not the same for every measure: the naive path's most), and prints
 encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1` and prints
-its wall and CPU time per encounter and its peak RSS. Every replay is checked to have decided
-every encounter. Prints figures; asserts nothing about speed.
+its wall and CPU time per encounter and its peak RSS, then `--workers N`'s wall time, peak RSS
+and speed over one worker (from 100k on, the start-up of ~0.4 s that both take weighs nothing).
+Every replay is checked to have decided every encounter. Prints figures; asserts nothing about
+speed.
 """
 
 from __future__ import annotations
@@ -229,15 +231,25 @@ def main() -> None:
                 "(what this machine's cores give N processes: the ceiling)"
             )
     if args.sizes:
-        print(f"\n{'encounters':>10} {'MB':>7} {'wall s':>8} {'CPU ms/enc':>11} {'wall ms/enc':>12} {'peak RSS MB':>12}   (replay --workers 1)")
+        many = f"--workers {args.workers}"
+        print(
+            f"\n{'encounters':>10} {'MB':>7} {'wall s':>8} {'CPU ms/enc':>11} {'wall ms/enc':>12} {'peak RSS MB':>12}   (replay --workers 1)"
+            f"   {'wall s':>8} {'peak RSS MB':>12} {'scaling':>8}   (replay {many})"
+        )
     for n in args.sizes:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder, out = Path(tmp) / "export", Path(tmp) / "out"
             folder.mkdir()
             size = generate(folder, n)
-            wall, cpu, rss = replay(args.python, folder, out, "--workers", "1")
-            assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
-            print(f"{n:>10,} {size / 1e6:>7,.0f} {wall:>8.1f} {cpu / n * 1e3:>11.3f} {wall / n * 1e3:>12.3f} {rss / 1024:>12.0f}")
+            figures = {}
+            for workers in (1, args.workers):
+                figures[workers] = replay(args.python, folder, out, "--workers", str(workers))
+                assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+            (wall, cpu, rss), (wall_n, _, rss_n) = figures[1], figures[args.workers]
+            print(
+                f"{n:>10,} {size / 1e6:>7,.0f} {wall:>8.1f} {cpu / n * 1e3:>11.3f} {wall / n * 1e3:>12.3f} {rss / 1024:>12.0f}"
+                f"   {wall_n:>8.1f} {rss_n / 1024:>12.0f} {wall / wall_n:>7.2f}x"
+            )
 
 
 if __name__ == "__main__":
