@@ -12,22 +12,26 @@ SEVERITIES = ("error", "review", "warning", "info")
 OUTCOMES = ("bill", "review", "do-not-bill")
 
 
-# The values below are never assigned to once made (`replace` makes a new one) and hash by their
-# fields, but are not `frozen`: a frozen dataclass's __init__ sets each field through
-# object.__setattr__, which costs ~3x plain assignment (3.1 µs against 1.1 µs to make one, in
-# the compiled module), and a replay makes several per session.
-@dataclass(slots=True, unsafe_hash=True)
+# Values as those of case.py (see the note above case.InputProblem): never assigned to, hashed
+# by their fields, not frozen, and with their `__init__` written out.
+@dataclass(init=False, slots=True, unsafe_hash=True)
 class Finding:
     rule: str
     severity: str
     message: str
     subject: str
 
+    def __init__(self, rule: str, severity: str, message: str, subject: str) -> None:
+        self.rule = rule
+        self.severity = severity
+        self.message = message
+        self.subject = subject
+
     def to_json(self) -> dict[str, Any]:
         return {"rule": self.rule, "severity": self.severity, "message": self.message, "subject": self.subject}
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(init=False, slots=True, unsafe_hash=True)
 class Line:
     code: str
     units: int
@@ -35,6 +39,22 @@ class Line:
     revenue_code: str
     modifiers: tuple[str, ...]
     procedures: tuple[str, ...]
+
+    def __init__(
+        self,
+        code: str,
+        units: int,
+        service_date: str,
+        revenue_code: str,
+        modifiers: tuple[str, ...],
+        procedures: tuple[str, ...],
+    ) -> None:
+        self.code = code
+        self.units = units
+        self.service_date = service_date
+        self.revenue_code = revenue_code
+        self.modifiers = modifiers
+        self.procedures = procedures
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +89,7 @@ def outcome_of(findings: list[Finding] | tuple[Finding, ...]) -> str:
     return "bill"
 
 
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(init=False, slots=True, unsafe_hash=True)
 class Decision:
     encounter: str
     claim: str | None
@@ -82,6 +102,32 @@ class Decision:
     rules_passed: tuple[str, ...]
     ruleset_version: str
     flagged_lines: tuple[FlaggedLine, ...] = ()
+
+    def __init__(
+        self,
+        encounter: str,
+        claim: str | None,
+        outcome: str,
+        program: str | None,
+        payer: str,
+        lines: tuple[Line, ...],
+        findings: tuple[Finding, ...],
+        missing_data: tuple[str, ...],
+        rules_passed: tuple[str, ...],
+        ruleset_version: str,
+        flagged_lines: tuple[FlaggedLine, ...] = (),
+    ) -> None:
+        self.encounter = encounter
+        self.claim = claim
+        self.outcome = outcome
+        self.program = program
+        self.payer = payer
+        self.lines = lines
+        self.findings = findings
+        self.missing_data = missing_data
+        self.rules_passed = rules_passed
+        self.ruleset_version = ruleset_version
+        self.flagged_lines = flagged_lines
 
     @property
     def rule_ids(self) -> tuple[str, ...]:

@@ -31,7 +31,8 @@ __all__ = ["AnnotatedClaim", "RunResult", "Validation", "evaluate"]
 Validation = Literal["full", "changes", "none"]
 
 
-@dataclass(slots=True)
+# `__init__` written out, as for the values of case.py (see the note above case.InputProblem).
+@dataclass(init=False, slots=True)
 class AnnotatedClaim:
     """A Claim with the decisions of every encounter it bills written onto it."""
 
@@ -41,6 +42,22 @@ class AnnotatedClaim:
     resource: dict[str, Any]
     decisions: list[Decision] = field(default_factory=list)
     cases: list[Case] = field(default_factory=list)
+
+    def __init__(
+        self,
+        key: str,
+        source: str,
+        original: dict[str, Any] | None,
+        resource: dict[str, Any],
+        decisions: list[Decision] | None = None,
+        cases: list[Case] | None = None,
+    ) -> None:
+        self.key = key
+        self.source = source
+        self.original = original
+        self.resource = resource
+        self.decisions = [] if decisions is None else decisions
+        self.cases = [] if cases is None else cases
 
     @property
     def changed(self) -> bool:
