@@ -84,9 +84,7 @@ def validate_changes(original: dict[str, Any] | None, changed: dict[str, Any], s
     if original is None:
         _check_element("Claim", changed, "Claim", source)
         return
-    if original.get("resourceType") != "Claim" or any(
-        changed.get(k) != original.get(k) for k in changed.keys() | original.keys() if k not in _CHANGED_ELEMENTS
-    ):
+    if original.get("resourceType") != "Claim" or _changed_elsewhere(original, changed):
         validate(changed, source)
         return
     for name, model_name in _CHANGED_ELEMENTS.items():
@@ -100,6 +98,18 @@ def validate_changes(original: dict[str, Any] | None, changed: dict[str, Any], s
                     _check_element(model_name, element, f"Claim.{name}[{n}]", source)
         else:
             _check_element(model_name, after, f"Claim.{name}", source)
+
+
+def _changed_elsewhere(original: dict[str, Any], changed: dict[str, Any]) -> bool:
+    """Whether `changed` differs from `original` outside the elements of `_CHANGED_ELEMENTS`.
+    What an annotation leaves as it was is the same object in both (annotate copies only what it
+    changes), so each member is compared only when it is not."""
+    for key, after in changed.items():
+        if key not in _CHANGED_ELEMENTS:
+            before = original.get(key)
+            if before is not after and before != after:
+                return True
+    return any(value is not None for key, value in original.items() if key not in changed and key not in _CHANGED_ELEMENTS)
 
 
 def load_claim_models() -> None:

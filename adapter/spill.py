@@ -80,20 +80,18 @@ class Spill:
             self.sizes[partition] += length
 
     def read(self, partition: int) -> Iterator[tuple[str, str | None, bytes]]:
-        """Each record of a partition: (source, fullUrl, resource JSON)."""
-        if not self.sizes[partition]:
-            return
-        chunks = []
+        """Each record of a partition: (source, fullUrl, resource JSON). Block by block: a block
+        holds whole records, and only one is in memory at a time."""
         for piece, offset, length in self._blocks[partition]:
-            fd = os.open(piece_path(self.directory, piece), os.O_RDONLY)
+            path = piece_path(self.directory, piece)
+            fd = os.open(path, os.O_RDONLY)
             try:
-                chunk = os.pread(fd, length, offset)
+                block = os.pread(fd, length, offset)
             finally:
                 os.close(fd)
-            if len(chunk) != length:
-                raise OSError(f"{piece_path(self.directory, piece)}: cut short while the replay ran")
-            chunks.append(chunk)
-        lines = b"".join(chunks).split(b"\n")
-        for n in range(0, len(lines) - 1, 2):
-            source, full_url = orjson.loads(lines[n])
-            yield source, full_url, lines[n + 1]
+            if len(block) != length:
+                raise OSError(f"{path}: cut short while the replay ran")
+            lines = block.split(b"\n")
+            for n in range(0, len(lines) - 1, 2):
+                source, full_url = orjson.loads(lines[n])
+                yield source, full_url, lines[n + 1]

@@ -86,10 +86,18 @@ def test_an_invalid_addition_is_refused_like_the_whole_model_refuses_it(item: di
         validate(changed)
 
 
-def test_a_change_outside_our_elements_is_checked_whole() -> None:
-    changed = claim() | {"created": "yesterday"}
-    with pytest.raises(InvalidResource, match="created"):
-        validate_changes(claim(), changed)
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda c: c | {"created": "yesterday"}, "created"),  # a member changed
+        (lambda c: {k: v for k, v in c.items() if k != "patient"}, "patient"),  # one taken away
+        (lambda c: c | {"payee": "the hospital"}, "payee"),  # one added
+    ],
+)
+def test_a_change_outside_our_elements_is_checked_whole(change, named: str) -> None:
+    original = claim()
+    with pytest.raises(InvalidResource, match=named):
+        validate_changes(original, change(original))
 
 
 def test_a_draft_is_checked_whole() -> None:
