@@ -44,7 +44,7 @@ from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 from . import jsonio
 from . import replay as replay_
-from .errors import AdapterError, FHIRError, InputError, MappingError, UsageError
+from .errors import AdapterError, FHIRError, InputError, MappingError, OutputError, UsageError
 from .ingest import DEFAULT_MAX_FILE_BYTES, INPUT_SUFFIXES, Index, iter_input_files
 from .pipeline import RunResult
 from .ruleset import DEFAULT_MAPPINGS_DIR, RuleSet, check_tables, diff_tables, load_ruleset
@@ -312,16 +312,23 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
 
         def on_decided(index: Index, result: RunResult) -> None:
             pushed.append(asyncio.run(_push(args, index, result, rules, stdout, stderr)))
-    with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout, sink.scratch) as export:
-        sink.write_block("review", review_csv([], header=True))
-        with _Progress(stderr, args.progress) as progress:
-            if export is None:
-                totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
-            else:
-                totals = _stream(
-                    args, [*files, *export.files], rules, sink.scratch, progress, sink.write_block, stderr, on_decided,
-                    may_be_empty=True, errors=export.errors,
-                )
+    try:
+        with DirectorySink(args.out) as sink, _bulk_files(args, rules, stdout, sink.scratch) as export:
+            sink.write_block("review", review_csv([], header=True))
+            with _Progress(stderr, args.progress) as progress:
+                if export is None:
+                    totals = _stream(args, files, rules, sink.scratch, progress, sink.write_block, stderr, on_decided)
+                else:
+                    totals = _stream(
+                        args, [*files, *export.files], rules, sink.scratch, progress, sink.write_block, stderr, on_decided,
+                        may_be_empty=True, errors=export.errors,
+                    )
+    except OSError as exc:
+        # Inputs that cannot be read are input errors, reported where they are read: what is
+        # left is the run's own files (outputs, partitions, a downloaded export) under --out.
+        raise OutputError(
+            f"--out {args.out}: the run's files could not be written ({exc}); the outputs there are as they were"
+        ) from None
     by_rule = totals.findings
     stdout.write(f"g0129 replay: {totals.files} file(s), {totals.resources} resource(s) -> {args.out}/\n")
     stdout.write(

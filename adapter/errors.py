@@ -112,6 +112,11 @@ class UsageError(AdapterError):
     pass
 
 
+class OutputError(AdapterError):
+    """The files of a run could not be written or read back under `--out` (a full disk, say):
+    the run stops, and what `--out` held before stays as it was."""
+
+
 class FHIRError(AdapterError):
     """A FHIR server interaction failed. `status` is the HTTP status, when there was one."""
 

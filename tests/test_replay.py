@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from collections import defaultdict
 from pathlib import Path
@@ -155,3 +156,26 @@ def test_a_number_beyond_range_is_that_lines_error_and_the_rest_is_decided(tmp_p
     # Each shard reads the shared Organizations, and one of them reports the bad one.
     reported = [orjson.loads(e)["source"] for index in range(3) for e in replay(tmp_path / f"shard-{index}", str(export), "--shard", f"{index}/3")[1]["errors"].splitlines()]
     assert sorted(reported) == sorted(errors), "every error reported by exactly one shard"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_under_out_stops_the_run_with_one_line_and_keeps_the_outputs(
+    tmp_path: Path, small_partitions, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    # The partitions are written under --out, by the routing processes: a disk that fills up
+    # there is one line and exit 1, never a traceback, and the last run's outputs stay whole.
+    out = tmp_path / "out"
+    code, before = replay(out, str(FIXTURES), "--workers", workers)
+    assert code == 0 and before["decisions"]
+
+    def full(directory: Path, piece: int, blocks: object) -> dict[int, tuple[int, int]]:
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / f"piece-{piece:06d}.spill"))
+
+    monkeypatch.setattr(adapter.replay, "write_piece", full)
+    err = io.StringIO()
+    code = main(["replay", str(FIXTURES), "--out", str(out), "--workers", workers, "--no-progress"], stdout=io.StringIO(), stderr=err)
+    assert code == 1
+    assert err.getvalue().count("\n") == 1 and "No space left on device" in err.getvalue(), err.getvalue()
+    assert err.getvalue().startswith(f"g0129: --out {out}: the run's files could not be written")
+    assert {name: (out / f"{name}.ndjson").read_bytes() for name in FILES} == before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".g0129-run")] == [], "the failed run's directory is gone"
