@@ -323,6 +323,8 @@ def _replay(args: argparse.Namespace, ctx: _Context, stdout: IO[str], stderr: IO
                         args, [*files, *export.files], rules, sink.scratch, progress, sink.write_block, stderr, on_decided,
                         may_be_empty=True, errors=export.errors,
                     )
+    except BrokenPipeError:
+        raise  # the reader of stdout or stderr went away: no file of the run's (see main)
     except OSError as exc:
         # Inputs that cannot be read are input errors, reported where they are read: what is
         # left is the run's own files (outputs, partitions, a downloaded export) under --out.

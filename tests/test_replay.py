@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import adapter.replay
 from adapter import jsonio
 from adapter.cli import main
 from adapter.fhir_models import validate
+from adapter.spill import piece_path
 
 from .conftest import FIXTURES, INVALID_FIXTURES
 
@@ -169,7 +172,7 @@ def test_a_full_disk_under_out_stops_the_run_with_one_line_and_keeps_the_outputs
     assert code == 0 and before["decisions"]
 
     def full(directory: Path, piece: int, blocks: object) -> dict[int, tuple[int, int]]:
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory / f"piece-{piece:06d}.spill"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(piece_path(directory, piece)))
 
     monkeypatch.setattr(adapter.replay, "write_piece", full)
     err = io.StringIO()
@@ -179,3 +182,24 @@ def test_a_full_disk_under_out_stops_the_run_with_one_line_and_keeps_the_outputs
     assert err.getvalue().startswith(f"g0129: --out {out}: the run's files could not be written")
     assert {name: (out / f"{name}.ndjson").read_bytes() for name in FILES} == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".g0129-run")] == [], "the failed run's directory is gone"
+
+
+def test_a_reader_gone_from_stderr_is_no_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `g0129 replay ... 2>&1 | head`: an error line meets a closed pipe mid-run. That is the
+    # broken pipe main handles quietly, not a file under --out that could not be written.
+    attempted: list[str] = []
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            attempted.append(text)
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    class Stdout(io.StringIO):
+        def fileno(self) -> int:
+            return 1
+
+    monkeypatch.setattr(os, "dup2", lambda *fds: None)  # main points stdout at /dev/null
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    code = main(["replay", str(INVALID_FIXTURES), "--out", str(tmp_path / "out"), "--no-progress"], stdout=io.StringIO(), stderr=Closed())
+    assert code == 1
+    assert attempted and not any("could not be written" in text for text in attempted)
