@@ -17,9 +17,10 @@ from typing import Any, TypedDict
 import msgspec
 
 from . import jsonio
+from .fhir_models import is_resource_type
 from .ingest import Entry, type_id_tail
 
-__all__ = ["SHARED", "SHARED_TYPES", "patient_key", "route", "routing_view"]
+__all__ = ["SHARED", "SHARED_TYPES", "UNROUTED", "Unrouted", "line_route", "patient_key", "route", "routing_view"]
 
 SHARED = ""  # the route of a resource that belongs to no patient
 
@@ -89,12 +90,37 @@ def route(entry: Entry, local: Mapping[str, str]) -> str | None:
     """
     if entry.type == "Patient":
         return patient_key(entry)
-    resource = entry.resource
-    for name in PATIENT_ELEMENTS.get(entry.type, _USUAL):
+    return _route_of(entry.type, entry.resource, local)
+
+
+class Unrouted:
+    """The type of UNROUTED."""
+
+
+UNROUTED = Unrouted()
+_NO_PATIENTS: dict[str, str] = {}  # a line has no other entry to refer to
+
+
+def line_route(resource: dict[str, Any]) -> str | None | Unrouted:
+    """`route` for the resource of one NDJSON line (its `routing_view`), from the view alone, or
+    UNROUTED when the line is not simply one resource with an id (a Bundle, a Patient without an
+    id, no resource at all): such a line goes through `ingest` and `route` whole. An export's
+    lines are nearly all simple, and routing one takes half the time without its `Entry`."""
+    rtype = resource.get("resourceType")
+    rid = resource.get("id")
+    if type(rtype) is not str or type(rid) is not str or rtype == "Bundle" or not is_resource_type(rtype):
+        return UNROUTED
+    if rtype == "Patient":
+        return f"Patient/{rid}"  # its Entry's key, as `patient_key` gives it
+    return _route_of(rtype, resource, _NO_PATIENTS)
+
+
+def _route_of(rtype: str, resource: dict[str, Any], local: Mapping[str, str]) -> str | None:
+    for name in PATIENT_ELEMENTS.get(rtype, _USUAL):
         key = _patient_reference(resource.get(name), local)
         if key is not None:
             return key
-    return SHARED if entry.type in SHARED_TYPES else None
+    return SHARED if rtype in SHARED_TYPES else None
 
 
 def _patient_reference(value: Any, local: Mapping[str, str]) -> str | None:

@@ -31,10 +31,12 @@ __all__ = [
     "load_file",
     "load_paths",
     "iter_input_files",
+    "line_source",
     "ndjson_spans",
     "read_file",
     "Span",
     "type_id_tail",
+    "Value",
 ]
 
 Resource = dict[str, Any]
@@ -279,17 +281,31 @@ def _entries_of(values: Iterable[Value | InputError]) -> tuple[list[Entry], list
 
 
 class Value:
-    """One JSON document read: a file's, or an NDJSON line's with the line's bytes (`raw`).
+    """One JSON document read: a file's, or an NDJSON line's with the line's bytes (`raw`) and
+    its number (`line`, from 1; 0 for a file's document).
 
     A plain class: one is made for every line of an export, and a dataclass's `__init__` (run
-    by the interpreter, even in the compiled build) took a third of the time to read a line."""
+    by the interpreter, even in the compiled build) took a third of the time to read a line.
+    For the same reason a line's `source` (`file:line`) is only made when asked for: replay's
+    routing pass writes the line number alone."""
 
-    __slots__ = ("source", "value", "raw")
+    __slots__ = ("file", "value", "raw", "line")
 
-    def __init__(self, source: str, value: Any, raw: bytes | None = None) -> None:
-        self.source = source
+    def __init__(self, file: str, value: Any, raw: bytes | None = None, line: int = 0) -> None:
+        self.file = file
         self.value = value
         self.raw = raw
+        self.line = line
+
+    @property
+    def source(self) -> str:
+        """Where the value is: the file, and for an NDJSON line `file:line`."""
+        return line_source(self.file, self.line) if self.line else self.file
+
+
+def line_source(file: str, line: int) -> str:
+    """Where line `line` of the NDJSON file `file` is, as errors and decisions say it."""
+    return f"{file}:{line}"
 
     def __repr__(self) -> str:
         return f"Value(source={self.source!r}, value={self.value!r})"
@@ -305,18 +321,17 @@ def _ndjson_values(
     length), the first being line `first_line` of the file, as `parse` reads it (it raises
     `jsonio.JSONDecodeError` for a line that is not JSON); the line's bytes are kept (`Value.raw`)."""
     for lineno, line in enumerate(lines, start=first_line):
-        where = f"{source}:{lineno}"
         if isinstance(line, int):
-            yield InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", where)
+            yield InputError(f"a line of {line} bytes, over the limit (--max-file-bytes): not read", line_source(source, lineno))
             continue
         if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]
         if not line or line.isspace():  # (not `strip`, which copies every line)
             continue
         try:
-            yield Value(where, parse(line), line)
+            yield Value(source, parse(line), line, lineno)
         except jsonio.JSONDecodeError as exc:
-            yield InvalidJSON(f"malformed JSON ({exc})", where)
+            yield InvalidJSON(f"malformed JSON ({exc})", line_source(source, lineno))
 
 
 def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:

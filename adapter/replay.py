@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from . import jsonio
-from .compartment import SHARED, patient_key, route, routing_view
+from .compartment import SHARED, Unrouted, line_route, patient_key, route, routing_view
 from .errors import InputError, InvalidJSON
 from .fhir_models import load_claim_models
 from .ingest import (
@@ -36,6 +36,7 @@ from .ingest import (
     Span,
     Value,
     check_resource,
+    line_source,
     load_value,
     ndjson_spans,
     read_file,
@@ -44,7 +45,7 @@ from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
 from .ruleset import RuleSet
 from .sinks import error_record
-from .spill import Spill, bucket, record, write_piece
+from .spill import Spill, bucket, line_record, record, write_piece
 
 __all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "plan", "route_piece", "run", "workers_default"]
 
@@ -132,7 +133,7 @@ def plan(
             pieces.append(Piece(path, span, len(pieces)))
     route = functools.partial(route_piece, partitions=partitions, shard=shard, max_file_bytes=max_file_bytes, directory=directory)
     for number, routed in enumerate(_in_order(route, pieces, workers)):
-        spill.add(number, routed.extents)
+        spill.add(number, routed.extents, str(pieces[number].path))
         for source, full_url, raw in routed.shared:
             unread: list[InputError] = []
             if (resource := _parse(raw, source, unread)) is not None:
@@ -174,11 +175,14 @@ class Routed:
 def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int, directory: Path) -> Routed:
     """Route the resources of one piece of input to their partitions, written to the piece's
     file in `directory` (see `plan`)."""
-    records: dict[int, bytearray] = {}
-    shared: list[tuple[str, str | None, bytes]] = []
+    router = _Router(partitions, shard)
     errors: list[InputError] = []
-    encounters = 0
     for value in read_file(piece.path, max_file_bytes, parse=routing_view, span=piece.span):
+        if isinstance(value, Value) and value.line and value.raw is not None and type(value.value) is dict:
+            key = line_route(value.value)
+            if not isinstance(key, Unrouted):
+                router.put(key, value.value.get("resourceType") == "Encounter", value.raw, value.file, None, value.line)
+                continue
         found, errs = _resources(value)
         if errs:
             errors.extend(e for e in errs if _reports(e, shard))
@@ -186,19 +190,37 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
         local = {e.full_url: patient_key(e) for e, _ in found if e.type == "Patient" and e.full_url} if len(found) > 1 else _NOTHING
         for entry, raw in found:
             data = raw if raw is not None else jsonio.dumps(entry.resource)
-            key = route(entry, local)
-            if key == SHARED:
-                shared.append((entry.source, entry.full_url, data))
-                continue
-            part_shard, partition = bucket(key or "", shard.count, partitions)
-            if part_shard != shard.index:
-                continue
-            encounters += entry.type == "Encounter"
-            block = records.get(partition)
-            if block is None:
-                block = records[partition] = bytearray()
-            record(block, entry.source, entry.full_url, data)
-    return Routed(write_piece(directory, piece.number, records), shared, errors, encounters, piece.size)
+            router.put(route(entry, local), entry.type == "Encounter", data, entry.source, entry.full_url, 0)
+    return Routed(write_piece(directory, piece.number, router.records), router.shared, errors, router.encounters, piece.size)
+
+
+class _Router:
+    """What one routing task has routed so far: its records by partition, the shared resources."""
+
+    def __init__(self, partitions: int, shard: Shard) -> None:
+        self.partitions = partitions
+        self.shard = shard
+        self.records: dict[int, bytearray] = {}
+        self.shared: list[tuple[str, str | None, bytes]] = []
+        self.encounters = 0
+
+    def put(self, key: str | None, encounter: bool, data: bytes, source: str, full_url: str | None, line: int) -> None:
+        """Route one resource (`data`, its JSON) by its `key` (`route`'s). With `line` > 0 it is
+        that line of the piece's file, `source`."""
+        if key == SHARED:
+            self.shared.append((line_source(source, line) if line else source, full_url, data))
+            return
+        part_shard, partition = bucket(key or "", self.shard.count, self.partitions)
+        if part_shard != self.shard.index:
+            return
+        self.encounters += encounter
+        block = self.records.get(partition)
+        if block is None:
+            block = self.records[partition] = bytearray()
+        if line:
+            line_record(block, line, data)
+        else:
+            record(block, source, full_url, data)
 
 
 _NOTHING: dict[str, str] = {}

@@ -1,8 +1,11 @@
 """Resources spilled to disk in partitions, so a replay holds one partition in memory at a time.
 
 A routing pass sorts each resource to the partition of its patient; a partition is then read
-back whole and decided. A record (`record`) is two lines: a JSON header `[source, fullUrl]` and
-the resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written).
+back whole and decided. A record is two lines: a header saying where the resource is, and the
+resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written). The
+header is `[source, fullUrl]` in JSON (`record`), or for an NDJSON line of the piece's own file
+just its line number (`line_record`): nearly every record is one, and its source, `file:line`,
+is then never written, nor read back as JSON.
 
 Each routing task writes the records of its piece of input to a file of its own, partition
 after partition (`write_piece`), and says where each partition's block lies; a partition is the
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import orjson
 
-__all__ = ["Spill", "bucket", "piece_path", "record", "write_piece"]
+from .ingest import line_source
+
+__all__ = ["Spill", "bucket", "line_record", "piece_path", "record", "write_piece"]
 
 
 def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
@@ -40,6 +45,15 @@ def record(block: bytearray, source: str, full_url: str | None, resource: bytes)
         block += memoryview(resource)[: -2 if resource.endswith(b"\r\n") else -1]
     else:
         block += resource
+    block += b"\n"
+
+
+def line_record(block: bytearray, line: int, resource: bytes) -> None:
+    """Add to `block` the resource of line `line` of the file of the piece the block is of
+    (`resource`: the line's bytes, without its line end)."""
+    block += str(line).encode()
+    block += b"\n"
+    block += resource
     block += b"\n"
 
 
@@ -70,11 +84,13 @@ class Spill:
         self.directory = directory
         self.partitions = partitions
         self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (piece, offset, length)
+        self._files: dict[int, str] = {}  # piece -> the file its `line_record`s are lines of
         self.sizes = [0] * partitions
 
-    def add(self, piece: int, extents: Mapping[int, tuple[int, int]]) -> None:
-        """Take piece `piece`'s blocks (`write_piece`'s result). Pieces are added in input
-        order: a partition's records are read back in the order of its blocks."""
+    def add(self, piece: int, extents: Mapping[int, tuple[int, int]], file: str = "") -> None:
+        """Take piece `piece`'s blocks (`write_piece`'s result), read from `file`. Pieces are
+        added in input order: a partition's records are read back in the order of its blocks."""
+        self._files[piece] = file
         for partition, (offset, length) in extents.items():
             self._blocks[partition].append((piece, offset, length))
             self.sizes[partition] += length
@@ -91,7 +107,12 @@ class Spill:
                 os.close(fd)
             if len(block) != length:
                 raise OSError(f"{path}: cut short while the replay ran")
+            file = self._files[piece]
             lines = block.split(b"\n")
             for n in range(0, len(lines) - 1, 2):
-                source, full_url = orjson.loads(lines[n])
-                yield source, full_url, lines[n + 1]
+                header = lines[n]
+                if header.startswith(b"["):
+                    source, full_url = orjson.loads(header)
+                    yield source, full_url, lines[n + 1]
+                else:
+                    yield line_source(file, int(header)), None, lines[n + 1]

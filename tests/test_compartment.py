@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from adapter import jsonio
-from adapter.compartment import SHARED, route, routing_view
+from adapter.compartment import SHARED, UNROUTED, line_route, route, routing_view
 from adapter.ingest import Entry
 
 
@@ -46,6 +46,27 @@ def test_route(resource: dict[str, Any], full_url: str | None, expected: str | N
     # A replay's routing pass reads only the members that route a resource: it routes the same.
     padded = {"text": {"status": "generated", "div": "<div>1.5 {x}</div>"}, **resource, "extension": [{"valueDecimal": 2.50}]}
     assert route(entry(routing_view(orjson.dumps(padded)), full_url), {}) == expected
+    # An NDJSON line with an id is routed from its view alone, with no Entry: the same way.
+    if full_url is None:
+        line = {"id": "x1", **padded}
+        assert line_route(routing_view(orjson.dumps(line))) == route(entry(line), {})
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        {"resourceType": "Patient"},  # no id: keyed as its Entry is, by ingest
+        {"resourceType": "Encounter", "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Encounter", "id": 7, "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Bundle", "id": "b1", "type": "collection", "entry": []},
+        {"resourceType": "encounter", "id": "e1"},
+        {"resourceType": ["Encounter"], "id": "e1"},
+        {"id": "e1"},
+    ],
+)
+def test_a_line_that_is_not_simply_one_resource_with_an_id_goes_the_whole_way(resource: dict[str, Any]) -> None:
+    # ingest reads it whole, for its entries or for the error saying what is wrong with it.
+    assert line_route(routing_view(orjson.dumps(resource))) is UNROUTED
 
 
 def test_the_routing_view_keeps_only_what_routes() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.spill import Spill, bucket, piece_path, record, write_piece
+from adapter.spill import Spill, bucket, line_record, piece_path, record, write_piece
 
 
 def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path) -> None:
@@ -32,6 +32,21 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
     for partition in range(3):
         assert list(spill.read(partition)) == [r for piece in (0, 1, 2) for r in written[piece][partition]]
     assert sum(spill.sizes) == sum(p.stat().st_size for p in tmp_path.iterdir())
+
+
+def test_a_line_of_the_pieces_file_is_written_with_its_number_alone(tmp_path: Path) -> None:
+    # An NDJSON line's record names its line; its source is the piece's file and that line.
+    block = bytearray()
+    line_record(block, 41, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r')
+    record(block, "export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}')
+    line_record(block, 1_000_001, b'{"resourceType":"Claim","id":"c3"}')
+    spill = Spill(tmp_path, 1)
+    spill.add(0, write_piece(tmp_path, 0, {0: block}), "export/Claim.ndjson")
+    assert list(spill.read(0)) == [
+        ("export/Claim.ndjson:41", None, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r'),
+        ("export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}'),
+        ("export/Claim.ndjson:1000001", None, b'{"resourceType":"Claim","id":"c3"}'),
+    ]
 
 
 def test_an_empty_partition_reads_as_nothing_and_an_empty_piece_writes_no_file(tmp_path: Path) -> None:
