@@ -51,8 +51,7 @@ def record(block: bytearray, source: str, full_url: str | None, resource: bytes)
 def line_record(block: bytearray, line: int, resource: bytes) -> None:
     """Add to `block` the resource of line `line` of the file of the piece the block is of
     (`resource`: the line's bytes, without its line end)."""
-    block += str(line).encode()
-    block += b"\n"
+    block += b"%d\n" % line
     block += resource
     block += b"\n"
 
