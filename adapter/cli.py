@@ -38,10 +38,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-# tqdm ships no type information (typeshed has `types-tqdm`, which we do not require); the
-# second code keeps mypy quiet where those stubs happen to be installed.
-from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
-
 from . import jsonio
 from . import replay as replay_
 from .errors import AdapterError, FHIRError, InputError, MappingError, OutputError, UsageError
@@ -107,6 +103,11 @@ class _Progress:
         self.close()
         self._stage = stage
         if self.enabled:
+            # Imported here: a run with no terminal to draw on (a job, a pipe) never pays for it.
+            # tqdm ships no type information (typeshed has `types-tqdm`, which we do not
+            # require); the second code keeps mypy quiet where those stubs happen to be installed.
+            from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+
             self._bar = tqdm(
                 total=total, desc=stage, unit=unit, file=self.stream, leave=False, dynamic_ncols=True,
                 unit_scale=in_bytes, unit_divisor=1024 if in_bytes else 1000,

@@ -13,34 +13,18 @@ pass, which reads only what routes a resource, `compartment.routing_view`, and k
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgspec
 import orjson
+
+from .decimals import FhirDecimal
 
 __all__ = ["FhirDecimal", "JSONDecodeError", "copy", "dumps", "loads"]
 
 
 class JSONDecodeError(ValueError):
     """Not JSON: the message says what is wrong and at which byte."""
-
-
-class FhirDecimal(float):
-    """A JSON decimal as written: compares as a float, serialises as its own text."""
-
-    __slots__ = ("text",)
-    text: str
-
-    def __new__(cls, text: str) -> FhirDecimal:
-        number = super().__new__(cls, text)
-        if math.isinf(number):  # (msgspec reports it as the JSON's error, where it is)
-            raise ValueError(f"{text} is beyond the range of a number")
-        number.text = text
-        return number
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 _DECODER = msgspec.json.Decoder(float_hook=FhirDecimal)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import functools
 import gc
-import multiprocessing
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -345,6 +343,10 @@ def _in_order(function: Callable[[_T], _R], items: Sequence[_T], workers: int) -
     # What the workers inherit is kept out of their collector's way: a collection walking it
     # would write to every object's header and copy each page of it into each worker.
     gc.freeze()
+    # Imported here: a one-worker run (the default on one CPU, each shard of a fan-out) needs none of it.
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque[Future[_R]] = deque()

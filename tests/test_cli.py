@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import adapter.cli
 import adapter.replay
@@ -311,13 +312,13 @@ def test_progress_bars_show_on_a_terminal_only(tmp_path: Path) -> None:
 def test_progress_bars_count_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     closed: list[tuple[str, int, int]] = []
 
-    class Recording(adapter.cli.tqdm):
+    class Recording(tqdm.tqdm):
         def close(self) -> None:
             if not self.disable:
                 closed.append((self.desc, self.n, self.total))
             super().close()
 
-    monkeypatch.setattr(adapter.cli, "tqdm", Recording)
+    monkeypatch.setattr(tqdm, "tqdm", Recording)  # the progress display imports it when it draws
     export = tmp_path / "in" / "export.ndjson"
     export.parent.mkdir()
     resources = php_day()
