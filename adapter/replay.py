@@ -53,7 +53,9 @@ MAX_PARTITIONS = 4096
 # What one routing task reads, at least: large enough that a task's overhead is nothing, small
 # enough that a small export's files keep every worker busy. A big export is cut into at most
 # about MAX_PIECES pieces, each writing a file that every partition is then read from, of at
-# most MAX_PIECE_BYTES: a task holds its piece's records in memory.
+# most MAX_PIECE_BYTES: a task holds its piece's records in memory. One worker has no other to
+# keep busy: it reads pieces of MAX_PIECE_BYTES, so a file up to that size is read whole, with
+# no first pass over it to cut it at line ends.
 PIECE_BYTES = 1 << 20
 MAX_PIECES = 256
 MAX_PIECE_BYTES = 32 << 20
@@ -120,7 +122,7 @@ def plan(
     files = list(files)
     sizes = [_size(f) for f in files]
     partitions = max(1, min(MAX_PARTITIONS, -(-sum(sizes) // (PARTITION_BYTES * shard.count))))
-    piece_bytes = min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
+    piece_bytes = MAX_PIECE_BYTES if workers <= 1 else min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
     spill = Spill(directory, partitions)
     shared = Index()
     errors: list[InputError] = []

@@ -99,6 +99,7 @@ def test_ndjson_cut_into_pieces_routes_as_read_whole(tmp_path: Path, small_parti
     _, whole = replay(tmp_path / "whole", str(export), "--workers", "1")
     assert orjson.loads(whole["errors"])["source"] == f"{export / 'Claim.ndjson'}:6"
     monkeypatch.setattr(adapter.replay, "PIECE_BYTES", 2_000)
+    monkeypatch.setattr(adapter.replay, "MAX_PIECE_BYTES", 2_000)  # what one worker reads
     assert (export / "Claim.ndjson").stat().st_size > 5 * 2_000, "the Claims are cut into pieces"
     for workers in ("1", "2"):
         _, pieces = replay(tmp_path / f"pieces-{workers}", str(export), "--workers", workers)
