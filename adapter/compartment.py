@@ -105,7 +105,8 @@ def line_route(resource: dict[str, Any]) -> str | None | Unrouted:
     """`route` for the resource of one NDJSON line (its `routing_view`), from the view alone, or
     UNROUTED when the line is not simply one resource with an id (a Bundle, a Patient without an
     id, no resource at all): such a line goes through `ingest` and `route` whole. An export's
-    lines are nearly all simple, and routing one takes half the time without its `Entry`."""
+    lines are nearly all simple, and routing them without an `Entry` each took a quarter off the
+    routing pass (8.3 to 6.1 µs a line, 10k encounters, compiled)."""
     rtype = resource.get("resourceType")
     rid = resource.get("id")
     if type(rtype) is not str or type(rid) is not str or rtype == "Bundle" or not is_resource_type(rtype):
