@@ -302,13 +302,13 @@ class Value:
         """Where the value is: the file, and for an NDJSON line `file:line`."""
         return line_source(self.file, self.line) if self.line else self.file
 
+    def __repr__(self) -> str:
+        return f"Value(source={self.source!r}, value={self.value!r})"
+
 
 def line_source(file: str, line: int) -> str:
     """Where line `line` of the NDJSON file `file` is, as errors and decisions say it."""
     return f"{file}:{line}"
-
-    def __repr__(self) -> str:
-        return f"Value(source={self.source!r}, value={self.value!r})"
 
 
 def _ndjson_values(

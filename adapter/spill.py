@@ -86,7 +86,7 @@ class Spill:
         self._files: dict[int, str] = {}  # piece -> the file its `line_record`s are lines of
         self.sizes = [0] * partitions
 
-    def add(self, piece: int, extents: Mapping[int, tuple[int, int]], file: str = "") -> None:
+    def add(self, piece: int, extents: Mapping[int, tuple[int, int]], file: str) -> None:
         """Take piece `piece`'s blocks (`write_piece`'s result), read from `file`. Pieces are
         added in input order: a partition's records are read back in the order of its blocks."""
         self._files[piece] = file

@@ -156,6 +156,8 @@ def test_spans_of_an_ndjson_file_read_as_the_whole_file(tmp_path: Path, size: in
     pieces = _sources([v for span in spans for v in read_file(path, max_bytes=200, span=span)])
     assert pieces == whole
     assert [s for s, _ in whole] == [f"{path}:{n}" for n in (1, 3, 4, 5, 6)]
+    # A line's value names its line where it is shown too (a debugger, a log of a failed test).
+    assert repr(next(read_file(path, max_bytes=200))).startswith(f"Value(source={str(path) + ':1'!r}, ")
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 64, 1 << 16])

@@ -28,7 +28,7 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
         extents[piece] = write_piece(tmp_path, piece, blocks)
     spill = Spill(tmp_path, 3)
     for piece in (0, 1, 2):
-        spill.add(piece, extents[piece])
+        spill.add(piece, extents[piece], "claims.ndjson")
     for partition in range(3):
         assert list(spill.read(partition)) == [r for piece in (0, 1, 2) for r in written[piece][partition]]
     assert sum(spill.sizes) == sum(p.stat().st_size for p in tmp_path.iterdir())
@@ -59,7 +59,7 @@ def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) 
     block = bytearray()
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
     spill = Spill(tmp_path, 1)
-    spill.add(0, write_piece(tmp_path, 0, {0: block}))
+    spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
     piece_path(tmp_path, 0).write_bytes(bytes(block[:10]))
     with pytest.raises(OSError, match="cut short"):
         list(spill.read(0))
