@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -682,6 +683,22 @@ def test_the_lock_of_a_killed_process_is_taken_over_at_once(database_url: str) -
             assert queue.try_lock("Patient/p1", 60.0) is None, "its holder lives"
     with JobQueue(database_url) as queue:
         assert queue.try_lock("Patient/p1", 60.0) is not None, "an hour early: its holder is dead"
+
+
+def test_a_new_sqlite_queue_waits_for_another_replicas_write_lock(tmp_path: Path) -> None:
+    # A replica holding the write lock of a new file, before any has put it in WAL mode: SQLite
+    # refuses the switch at once rather than wait (what made starting together fail now and then).
+    path = tmp_path / "queue.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.2, other.execute, ("COMMIT",))
+        release.start()
+        with JobQueue(path) as queue:
+            assert add(queue) and not add(queue)
+        release.join()
+    finally:
+        other.close()
 
 
 def test_replicas_starting_together_migrate_once(database_url: str) -> None:
