@@ -31,7 +31,9 @@ On the same bytes, at `--ratio-size` encounters, it times:
             machine's cores, the ceiling for `--workers N`;
 in `--repeat` rounds of one run each (a round's figures are taken together, as this machine's
 speed drifts, and not the same for every measure: the naive path's most), and prints
-encounters/s and the ratios. At each of `--sizes` it runs `g0129 replay --workers 1` and prints
+encounters/s and the ratios: the median of the rounds' and their range. What runs on one core
+(the floor, the naive path, the one-worker replays) runs pinned to the same one, so the
+scheduler moving a process between cores adds nothing to the noise (`--no-pin`: not pinned). At each of `--sizes` it runs `g0129 replay --workers 1` and prints
 its wall and CPU time per encounter and its peak RSS, then `--workers N`'s wall time, peak RSS
 and speed over one worker (from 100k on, the start-up of ~0.4 s that both take weighs nothing).
 Every replay is checked to have decided every encounter. Prints figures; asserts nothing about
@@ -49,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -117,6 +119,17 @@ def generate(folder: Path, n: int) -> int:
             for res in _encounter(template, i):
                 write(res)
     return sum(p.stat().st_size for p in folder.iterdir())
+
+
+@contextmanager
+def _on(cpus: set[int]) -> Iterator[None]:
+    """Run what is measured inside on `cpus` (the processes it starts too)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _lines(folder: Path) -> Iterator[bytes]:
@@ -200,7 +213,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians are printed)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
+    parser.add_argument("--no-pin", action="store_true", help="run the one-core measures on any core")
     args = parser.parse_args()
+    every = os.sched_getaffinity(0)
+    core = every if args.no_pin else {min(every)}
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
     print(f"adapter: {build_of(args.python)}")
     if args.ratio_size:
@@ -208,34 +224,37 @@ def main() -> None:
             folder, n = Path(tmp) / "export", args.ratio_size
             folder.mkdir()
             size = generate(folder, n)
-            one = Path(tmp) / "one"
-            one.mkdir()
-            generate(one, 1)
-            naive(one)  # the models the naive path uses, imported and built once, before any round
+            single = Path(tmp) / "single"
+            single.mkdir()
+            generate(single, 1)
+            naive(single)  # the models the naive path uses, imported and built once, before any round
             print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
             # Round by round, every measure once: a round's rates are taken together, so each
             # ratio compares figures of the same minutes (the machine's speed drifts, and not the
             # same for every measure), and the median of the rounds' ratios is printed.
             rounds: list[dict[str, float]] = []
             for _ in range(args.repeat):
-                rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
+                with _on(core):
+                    rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
                 for workers in (1, args.workers):
                     out = Path(tmp) / "out"
-                    wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
+                    with _on(core if workers == 1 else every):
+                        wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
                     assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
                     rates[f"replay --workers {workers} (CPU)"] = n / cpu
                     if workers == 1:
-                        _, start_up, _ = replay(args.python, one, Path(tmp) / "out-one", "--workers", "1")
-                        assert decided(Path(tmp) / "out-one") == 1
+                        with _on(core):
+                            _, start_up, _ = replay(args.python, single, Path(tmp) / "out-single", "--workers", "1")
+                        assert decided(Path(tmp) / "out-single") == 1
                         rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / (cpu - start_up)
                     rates[f"replay --workers {workers} (wall)"] = n / wall
                 rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
                 rounds.append(rates)
-            print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round)")
+            print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round, then the rounds' range)")
             for label in rounds[0]:
                 rate = statistics.median(r[label] for r in rounds)
-                ratio = statistics.median(r[label] / r["naive (R4B model_validate_json)"] for r in rounds)
-                print(f"  {label:<40} {rate:>9,.0f} enc/s  {ratio:>6.2f}x naive")
+                ratios = [r[label] / r["naive (R4B model_validate_json)"] for r in rounds]
+                print(f"  {label:<40} {rate:>9,.0f} enc/s  {statistics.median(ratios):>6.2f}x naive  ({min(ratios):.2f}-{max(ratios):.2f})")
             one, many = "replay --workers 1 (wall)", f"replay --workers {args.workers} (wall)"
             side = f"{args.workers} one-worker replays at once (wall)"
             print(
@@ -256,7 +275,8 @@ def main() -> None:
             size = generate(folder, n)
             figures = {}
             for workers in (1, args.workers):
-                figures[workers] = replay(args.python, folder, out, "--workers", str(workers))
+                with _on(core if workers == 1 else every):
+                    figures[workers] = replay(args.python, folder, out, "--workers", str(workers))
                 assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
             (wall, cpu, rss), (wall_n, _, rss_n) = figures[1], figures[args.workers]
             print(
