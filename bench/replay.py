@@ -26,7 +26,8 @@ On the same bytes, at `--ratio-size` encounters, it times:
             the imports, the rule tables and the Claim models built, then the work. Beside
             the first, its throughput with that start-up taken out, measured as the naive
             path's is: the CPU of the replay less that of a one-encounter replay of the same
-            system (its shared resources too), for the encounters after the first;
+            system (its shared resources too), for the encounters after the first (a figure to
+            read from thousands of encounters on, where the work dwarfs a start-up's noise);
   - N independent `replay --workers 1` started together: what N processes get from this
             machine's cores, the ceiling for `--workers N`;
 in `--repeat` rounds of one run each (a round's figures are taken together, as this machine's
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import subprocess
@@ -246,7 +248,9 @@ def main() -> None:
                         with _on(core):
                             _, start_up, _ = replay(args.python, single, Path(tmp) / "out-single", "--workers", "1")
                         assert decided(Path(tmp) / "out-single") == 1
-                        rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / (cpu - start_up)
+                        # (Within the noise of a start-up, ~0.05 s, at a few hundred encounters: no figure.)
+                        work = cpu - start_up
+                        rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / work if work > 0 else math.nan
                     rates[f"replay --workers {workers} (wall)"] = n / wall
                 rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
                 rounds.append(rates)
