@@ -1,6 +1,6 @@
 """Replay throughput and memory on a Bulk Data export, beside the naive path and the floor.
 
-    python bench/replay.py                          # ratios at 10,000; memory at 10k, 100k, 1M
+    python bench/replay.py                          # ratios at 10k and 100k; memory at 10k, 100k, 1M
     python bench/replay.py --sizes 10000 100000     # memory and time per encounter at these sizes
     python bench/replay.py --ratio-size 2000 --sizes 2000
     python bench/replay.py --python /opt/venv/bin/python   # the adapter installed there
@@ -17,7 +17,7 @@ second short session, a quarter are IOP, a quarter have no Claim yet. Nothing is
 the files are made on the fly in a temporary directory (~6 GB at 1M encounters, plus as much
 again for the replay's partitions).
 
-On the same bytes, at `--ratio-size` encounters, it times:
+On the same bytes, at each `--ratio-size` (encounters; 10k and 100k unless told), it times:
   - floor:  read + `orjson.loads` of every line;
   - naive:  every line validated by its fhir.resources R4B model (`model_validate_json`), in
             this process, its models imported and built before (by a one-encounter warm-up);
@@ -37,8 +37,9 @@ encounters/s and the ratios: the median of the rounds' and their range. What run
 scheduler moving a process between cores adds nothing to the noise (`--no-pin`: not pinned). At each of `--sizes` it runs `g0129 replay --workers 1` and prints
 its wall and CPU time per encounter and its peak RSS, then `--workers N`'s wall time, peak RSS
 and speed over one worker (from 100k on, the start-up of ~0.4 s that both take weighs nothing).
-Every replay is checked to have decided every encounter. Prints figures; asserts nothing about
-speed.
+At 10k the start-up weighs ~12% of a one-worker replay, at 100k ~1%: the ratios at 100k are
+the throughput's. Every replay is checked to have decided every encounter. Prints figures;
+asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -207,9 +208,57 @@ def decided(out: Path) -> int:
         return sum(1 for _ in fh)
 
 
+def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) -> None:
+    """The rates and ratios at n encounters, round by round (see the module's docstring)."""
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        folder = Path(tmp) / "export"
+        folder.mkdir()
+        size = generate(folder, n)
+        single = Path(tmp) / "single"
+        single.mkdir()
+        generate(single, 1)
+        naive(single)  # the models the naive path uses, imported and built once, before any round
+        print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
+        # Round by round, every measure once: a round's rates are taken together, so each
+        # ratio compares figures of the same minutes (the machine's speed drifts, and not the
+        # same for every measure), and the median of the rounds' ratios is printed.
+        rounds: list[dict[str, float]] = []
+        for _ in range(args.repeat):
+            with _on(core):
+                rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
+            for workers in (1, args.workers):
+                out = Path(tmp) / "out"
+                with _on(core if workers == 1 else every):
+                    wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
+                assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+                rates[f"replay --workers {workers} (CPU)"] = n / cpu
+                if workers == 1:
+                    with _on(core):
+                        _, start_up, _ = replay(args.python, single, Path(tmp) / "out-single", "--workers", "1")
+                    assert decided(Path(tmp) / "out-single") == 1
+                    # (Within the noise of a start-up, ~0.05 s, at a few hundred encounters: no figure.)
+                    work = cpu - start_up
+                    rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / work if work > 0 else math.nan
+                rates[f"replay --workers {workers} (wall)"] = n / wall
+            rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
+            rounds.append(rates)
+        print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round, then the rounds' range)")
+        for label in rounds[0]:
+            rate = statistics.median(r[label] for r in rounds)
+            by_round = [r[label] / r["naive (R4B model_validate_json)"] for r in rounds]
+            print(f"  {label:<40} {rate:>9,.0f} enc/s  {statistics.median(by_round):>6.2f}x naive  ({min(by_round):.2f}-{max(by_round):.2f})")
+        one, many = "replay --workers 1 (wall)", f"replay --workers {args.workers} (wall)"
+        side = f"{args.workers} one-worker replays at once (wall)"
+        print(
+            f"  scaling over one worker's wall rate: --workers {args.workers} {statistics.median(r[many] / r[one] for r in rounds):.2f}x; "
+            f"{args.workers} independent replays side by side {statistics.median(r[side] / r[one] for r in rounds):.2f}x "
+            "(what this machine's cores give N processes: the ceiling)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratio-size", type=int, default=10_000, help="encounters for the ratios (0: skip)")
+    parser.add_argument("--ratio-size", type=int, nargs="+", default=[10_000, 100_000], help="encounters for the ratios, at each size (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians are printed)")
@@ -221,51 +270,9 @@ def main() -> None:
     core = every if args.no_pin else {min(every)}
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
     print(f"adapter: {build_of(args.python)}")
-    if args.ratio_size:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-            folder, n = Path(tmp) / "export", args.ratio_size
-            folder.mkdir()
-            size = generate(folder, n)
-            single = Path(tmp) / "single"
-            single.mkdir()
-            generate(single, 1)
-            naive(single)  # the models the naive path uses, imported and built once, before any round
-            print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
-            # Round by round, every measure once: a round's rates are taken together, so each
-            # ratio compares figures of the same minutes (the machine's speed drifts, and not the
-            # same for every measure), and the median of the rounds' ratios is printed.
-            rounds: list[dict[str, float]] = []
-            for _ in range(args.repeat):
-                with _on(core):
-                    rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
-                for workers in (1, args.workers):
-                    out = Path(tmp) / "out"
-                    with _on(core if workers == 1 else every):
-                        wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
-                    assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
-                    rates[f"replay --workers {workers} (CPU)"] = n / cpu
-                    if workers == 1:
-                        with _on(core):
-                            _, start_up, _ = replay(args.python, single, Path(tmp) / "out-single", "--workers", "1")
-                        assert decided(Path(tmp) / "out-single") == 1
-                        # (Within the noise of a start-up, ~0.05 s, at a few hundred encounters: no figure.)
-                        work = cpu - start_up
-                        rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / work if work > 0 else math.nan
-                    rates[f"replay --workers {workers} (wall)"] = n / wall
-                rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
-                rounds.append(rates)
-            print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round, then the rounds' range)")
-            for label in rounds[0]:
-                rate = statistics.median(r[label] for r in rounds)
-                ratios = [r[label] / r["naive (R4B model_validate_json)"] for r in rounds]
-                print(f"  {label:<40} {rate:>9,.0f} enc/s  {statistics.median(ratios):>6.2f}x naive  ({min(ratios):.2f}-{max(ratios):.2f})")
-            one, many = "replay --workers 1 (wall)", f"replay --workers {args.workers} (wall)"
-            side = f"{args.workers} one-worker replays at once (wall)"
-            print(
-                f"  scaling over one worker's wall rate: --workers {args.workers} {statistics.median(r[many] / r[one] for r in rounds):.2f}x; "
-                f"{args.workers} independent replays side by side {statistics.median(r[side] / r[one] for r in rounds):.2f}x "
-                "(what this machine's cores give N processes: the ceiling)"
-            )
+    for n in args.ratio_size:
+        if n:
+            ratios(args, n, core, every)
     if args.sizes:
         many = f"--workers {args.workers}"
         print(
