@@ -34,9 +34,9 @@ in `--repeat` rounds of one run each (a round's figures are taken together, as t
 speed drifts, and not the same for every measure: the naive path's most), and prints
 encounters/s and the ratios: the median of the rounds' and their range. What runs on one core
 (the floor, the naive path, the one-worker replays) runs pinned to the same one, so the
-scheduler moving a process between cores adds nothing to the noise (`--no-pin`: not pinned). At each of `--sizes` it runs `g0129 replay --workers 1` and prints
-its wall and CPU time per encounter and its peak RSS, then `--workers N`'s wall time, peak RSS
-and speed over one worker (from 100k on, the start-up of ~0.4 s that both take weighs nothing).
+scheduler moving a process between cores adds nothing to the noise (`--no-pin`: not pinned).
+At each of `--sizes` it runs `g0129 replay --workers 1` and prints its wall and CPU time per
+encounter and its peak RSS, then `--workers N`'s wall time, peak RSS and speed over one worker (from 100k on, the start-up of ~0.4 s that both take weighs nothing).
 At 10k the start-up weighs ~12% of a one-worker replay, at 100k ~1%: the ratios at 100k are
 the throughput's. Every replay is checked to have decided every encounter. Prints figures;
 asserts nothing about speed.
@@ -244,6 +244,9 @@ def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) ->
             rounds.append(rates)
         print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round, then the rounds' range)")
         for label in rounds[0]:
+            if any(math.isnan(r[label]) for r in rounds):
+                print(f"  {label:<40} {'n/a':>9}        (the work is within a start-up's noise at this size)")
+                continue
             rate = statistics.median(r[label] for r in rounds)
             by_round = [r[label] / r["naive (R4B model_validate_json)"] for r in rounds]
             print(f"  {label:<40} {rate:>9,.0f} enc/s  {statistics.median(by_round):>6.2f}x naive  ({min(by_round):.2f}-{max(by_round):.2f})")
@@ -261,7 +264,7 @@ def main() -> None:
     parser.add_argument("--ratio-size", type=int, nargs="+", default=[10_000, 100_000], help="encounters for the ratios, at each size (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians are printed)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians and range are printed)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
     parser.add_argument("--no-pin", action="store_true", help="run the one-core measures on any core")
