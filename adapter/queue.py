@@ -17,7 +17,12 @@ waiting out the lease.
 
 Named locks (`try_lock`/`unlock`) keep two replicas from writing the same patient's Claims at
 once, and let one catch-up timer serve every replica: a lock is a row with an expiry and a
-holder; an expired lock, or one whose holder has died, is taken over.
+holder; an expired lock, or one whose holder has died, is taken over. Every release (an unlock,
+or a take-over, since the holder may have written before it died or overran) is numbered from
+one counter, and the lock's row keeps the number of its last: a writer that reads what a lock
+guards before taking it (it learns which lock only from what it read) notes the count before
+reading (`lock_serial`), and once it holds the lock asks whether it was released since
+(`released_since`): someone else may then have written after the read, and it reads again.
 
 Deduplication: a job that knows its resource's `meta.lastUpdated` (the notification carried the
 resource, or the catch-up search found it) is a duplicate of any job, in any state, for the
@@ -68,6 +73,8 @@ log = logging.getLogger(__name__)
 
 # The kind of the catch-up job (search for what changed since the checkpoint): at most one is pending.
 CATCH_UP = "catch-up"
+# The counter numbering lock releases.
+_RELEASES = "lock-releases"
 
 JobState = Literal["pending", "done", "dead"]
 
@@ -76,7 +83,7 @@ JobState = Literal["pending", "done", "dead"]
 # queue bounds retries by time (transient) or by `dead_letter_attempts` (fatal).
 QUEUE_BACKOFF = RetryPolicy(base_delay=5.0, factor=2.0, max_delay=900.0, retry_after_cap=3600.0)
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 # Tables as a new database gets them; an older one gets the missing columns from _ADDED_COLUMNS.
 # The types that differ come from the store (str.format).
 _TABLES = """
@@ -116,14 +123,21 @@ CREATE TABLE IF NOT EXISTS own_writes (
     PRIMARY KEY (claim_id, version_id)
 ) {rowid};
 CREATE TABLE IF NOT EXISTS locks (
-    name    TEXT PRIMARY KEY,
-    holder  TEXT NOT NULL,
-    token   TEXT NOT NULL,
-    expires {real} NOT NULL
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    token    TEXT NOT NULL,
+    expires  {real} NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0
+) {rowid};
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 ) {rowid};
 """
 # Schema 2: the resource's meta.lastUpdated (part of the deduplication key) and the lease holder.
 # Schema 3: the locks table (replicas).
+# Schema 4: lock releases numbered (locks.released, the counters table); a released lock keeps
+# its row (holder '', expires = when it was released) until done jobs are purged.
 _ADDED_COLUMNS = (
     ("last_updated", "TEXT NOT NULL DEFAULT ''"),
     ("leased_by", "TEXT"),
@@ -232,6 +246,9 @@ class JobQueue:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
             if "last_updated" not in store.columns(db, "own_writes"):
                 db.execute("ALTER TABLE own_writes ADD COLUMN last_updated TEXT NOT NULL DEFAULT ''")
+            if "released" not in store.columns(db, "locks"):
+                db.execute("ALTER TABLE locks ADD COLUMN released INTEGER NOT NULL DEFAULT 0")
+            db.execute("INSERT INTO counters (name, value) VALUES (?, 0) ON CONFLICT (name) DO NOTHING", (_RELEASES,))
             _execute_script(db, _INDEXES)
             # Schema 1 let catch-up jobs pile up (one more per restart during an outage): keep
             # the oldest pending one.
@@ -422,21 +439,55 @@ class JobQueue:
         token = uuid.uuid4().hex
         with self._store.transaction() as db:
             now = self._clock()
-            row = db.execute("SELECT holder, token FROM locks WHERE name = ?", (name,)).fetchone()
-            if row is not None and row[0] != self.owner and not self._store.holder_alive(db, row[0]):
-                db.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, row[1]))
+            row = db.execute("SELECT holder, token, expires FROM locks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return token if db.execute(
+                    "INSERT INTO locks (name, holder, token, expires) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                    (name, self.owner, token, now + seconds),
+                ).rowcount == 1 else None
+            holder, current, expires = row
+            if holder and expires > now and (holder == self.owner or self._store.holder_alive(db, holder)):
+                return None
+            # A holder that died or overran may have written: taking its lock is a release.
+            released = self._next_release(db) if holder else None
+            # On the token read: of two replicas taking it at once, one changes the row.
             taken = db.execute(
-                "INSERT INTO locks (name, holder, token, expires) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, token = excluded.token,"
-                " expires = excluded.expires WHERE locks.expires <= ?",
-                (name, self.owner, token, now + seconds, now),
+                "UPDATE locks SET holder = ?, token = ?, expires = ?, released = coalesce(?, released)"
+                " WHERE name = ? AND token = ?",
+                (self.owner, token, now + seconds, released, name, current),
             ).rowcount
         return token if taken == 1 else None
 
     def unlock(self, name: str, token: str) -> None:
         """Release a lock `try_lock` gave (nothing if it has been taken over since)."""
         with self._store.transaction() as db:
-            db.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
+            if db.execute("SELECT 1 FROM locks WHERE name = ? AND token = ?", (name, token)).fetchone() is None:
+                return
+            db.execute(
+                "UPDATE locks SET holder = '', token = '', expires = ?, released = ? WHERE name = ? AND token = ?",
+                (self._clock(), self._next_release(db), name, token),
+            )
+
+    def lock_serial(self) -> int:
+        """How many lock releases there have been so far: noted before reading what a lock
+        guards, and given to `released_since` once the lock is held."""
+        with self._store.read() as db:
+            row = db.execute("SELECT value FROM counters WHERE name = ?", (_RELEASES,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def released_since(self, names: Sequence[str], serial: int) -> bool:
+        """Whether any of these locks was released after `lock_serial` gave `serial`: what was
+        read before they were taken may be stale, as another writer held them since."""
+        with self._store.read() as db:
+            return any(
+                db.execute("SELECT 1 FROM locks WHERE name = ? AND released > ?", (name, serial)).fetchone() is not None
+                for name in names
+            )
+
+    def _next_release(self, db: Db) -> int:
+        # The counter's row is locked until the transaction ends: releases are numbered in turn.
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (_RELEASES,))
+        return int(db.execute("SELECT value FROM counters WHERE name = ?", (_RELEASES,)).fetchone()[0])
 
     def complete(self, job_id: int) -> None:
         """Mark a job done."""
@@ -524,7 +575,8 @@ class JobQueue:
         Pending jobs cannot be purged: they are work we promised to do. Purging done jobs also
         forgets the Claim versions we wrote before `before`: like done jobs, they only serve to
         recognise repeats (our own write's echo comes within seconds), and after a FHIR server
-        reset a recreated Claim may reach a version number we once wrote.
+        reset a recreated Claim may reach a version number we once wrote. It also forgets the
+        locks released before `before` (see `released_since`).
         """
         if state not in ("done", "dead"):
             raise UsageError(f"only done or dead jobs can be purged, not {state}")
@@ -532,6 +584,8 @@ class JobQueue:
         with self._store.transaction() as db:
             if state == "done":
                 db.execute("DELETE FROM own_writes WHERE written_at < ?", (cutoff,))
+                # A release that old is older than any read still in flight.
+                db.execute("DELETE FROM locks WHERE holder = '' AND expires < ?", (cutoff,))
             return db.execute(
                 "DELETE FROM jobs WHERE state = ? AND updated_at < ?", (state, cutoff)
             ).rowcount

@@ -227,11 +227,13 @@ class Worker:
 
         async def decide() -> RunResult:
             while True:
+                serial = await asyncio.to_thread(self.queue.lock_serial)
                 index = await gather(self.client, encounter_ids, self.rules, carried)
                 # Whose Claims these are is known once gathered: lock them (in order, so two
-                # jobs never wait for each other), and gather again if another writer had them.
+                # jobs never wait for each other), and gather again if another writer had them
+                # since the gathering began.
                 wanted = sorted(patients_of(index, encounter_ids) - held.keys())
-                if not wanted or not await self._lock(wanted, held):
+                if not wanted or not await self._lock(wanted, held, serial):
                     break
             # A Claim carried by the notification may be older than the server's: after a
             # conflict, only what the server says now counts.
@@ -277,16 +279,18 @@ class Worker:
                 log.info("%s: %s%s", result.claim, result.result, version, extra=fields)
         return results
 
-    async def _lock(self, names: Sequence[str], held: dict[str, str]) -> bool:
+    async def _lock(self, names: Sequence[str], held: dict[str, str], serial: int) -> bool:
         """Take these locks, waiting for each as long as it takes; True if any was held by
-        someone else (what was gathered before may be stale)."""
+        someone else after `serial` (`JobQueue.lock_serial`, read before gathering): what was
+        gathered may be stale. A lock found free may have been held and released while we
+        gathered: a writer's write then fell between our read and our lock."""
         waited = False
         for name in names:
             while (token := await asyncio.to_thread(self.queue.try_lock, name, LOCK_SECONDS)) is None:
                 waited = True
                 await asyncio.sleep(LOCK_POLL)
             held[name] = token
-        return waited
+        return waited or await asyncio.to_thread(self.queue.released_since, names, serial)
 
     async def catch_up(self) -> int:
         """Queue every watched resource changed since the checkpoint; returns how many were new."""

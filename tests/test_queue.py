@@ -582,10 +582,25 @@ def test_a_schema_1_queue_opens_and_is_migrated_in_place(tmp_path: Path) -> None
             db.close()
 
     version, indexes = schema()
-    assert version == 3 and "jobs_version" not in indexes and "jobs_key" in indexes
+    assert version == 4 and "jobs_version" not in indexes and "jobs_key" in indexes
     with JobQueue(path) as queue:  # opening a migrated file changes nothing
         assert queue.counts() == {"pending": 3, "done": 2, "dead": 0}
     assert schema() == (version, indexes)
+
+
+def test_a_schema_3_lock_held_while_its_replica_is_upgraded_is_kept(tmp_path: Path) -> None:
+    # Schema 3's locks had no release number: the column is added, the lock held stays held.
+    path = tmp_path / "queue.sqlite3"
+    with JobQueue(path) as old:
+        token = old.try_lock("Patient/p1", 3600.0)
+        assert token is not None
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE locks DROP COLUMN released; DROP TABLE counters; PRAGMA user_version = 3;")
+    db.close()
+    with JobQueue(path) as queue:
+        reading = queue.lock_serial()
+        assert queue.try_lock("Patient/p1", 60.0) is not None, "its holder is gone: taken over"
+        assert queue.released_since(["Patient/p1"], reading)
 
 
 def test_kill_9_loses_no_accepted_job(database_url: str) -> None:
@@ -666,6 +681,51 @@ def test_a_lock_has_one_holder_until_released_or_expired(database_url: str, cloc
 
         clock.now += 30.0  # the holder hung: its lock runs out
         assert one.try_lock("Patient/p1", 30.0) is not None
+
+
+def test_a_release_since_a_reading_began_is_seen_once_the_lock_is_held(database_url: str, clock: Clock) -> None:
+    # A writer learns which lock guards what it read only from what it read: it notes the count
+    # of releases before reading, and once it holds the lock asks whether it was let go since.
+    with JobQueue(database_url, clock=clock) as one, JobQueue(database_url, clock=clock) as two:
+        before = one.lock_serial()
+        token = one.try_lock("Patient/p1", 30.0)
+        assert token is not None
+        assert not one.released_since(["Patient/p1"], before), "nobody else held it"
+        one.unlock("Patient/p1", token)
+
+        reading = two.lock_serial()  # two begins reading; one takes the lock, writes, lets go
+        token = one.try_lock("Patient/p1", 30.0)
+        assert token is not None
+        one.unlock("Patient/p1", token)
+        mine = two.try_lock("Patient/p1", 30.0)
+        assert mine is not None, "free when asked for"
+        assert two.released_since(["Patient/p2", "Patient/p1"], reading), "yet held since the reading began"
+        assert not two.released_since(["Patient/p1"], two.lock_serial())
+        count = two.lock_serial()
+        two.unlock("Patient/p1", mine)
+        two.unlock("Patient/p1", mine)  # a stale token releases nothing, and counts nothing
+        assert one.lock_serial() == count + 1
+
+        reading = one.lock_serial()
+        assert two.try_lock("Patient/p1", 30.0) is not None
+        clock.now += 30.0  # its holder overran: it may have written before its lock ran out
+        assert one.try_lock("Patient/p1", 30.0) is not None
+        assert one.released_since(["Patient/p1"], reading), "a take-over is a release"
+
+
+def test_released_locks_are_forgotten_with_the_done_jobs(database_url: str, clock: Clock) -> None:
+    with JobQueue(database_url, clock=clock) as queue:
+        reading = queue.lock_serial()
+        token = queue.try_lock("Patient/p1", 30.0)
+        assert token is not None
+        queue.unlock("Patient/p1", token)
+        clock.now += 100
+        queue.purge("done", before=clock.now - 200)
+        assert queue.released_since(["Patient/p1"], reading), "a recent release is kept"
+        queue.purge("done", before=clock.now)
+        assert not queue.released_since(["Patient/p1"], reading)
+        assert queue.lock_serial() == reading + 1, "the count goes on"
+        assert queue.try_lock("Patient/p1", 30.0) is not None
 
 
 def test_the_lock_of_a_killed_process_is_taken_over_at_once(database_url: str) -> None:
