@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Final
 
 from .case import Case, codings
 from .decision import Decision, Line
@@ -34,7 +34,7 @@ from .vocabulary import (
 )
 
 __all__ = ["annotate", "draft_claim", "draft_claim_id"]
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ID: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 Resource = dict[str, Any]
 

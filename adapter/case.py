@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator
 from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from .ingest import Entry, Index
@@ -50,7 +50,7 @@ Code = tuple[str, str]
 
 # FHIR R4 dateTime (http://hl7.org/fhir/R4/datatypes.html#dateTime), except that a time without
 # an offset is accepted: EHR exports send them, and the date part is then the local date.
-_DATETIME = re.compile(
+_DATETIME: Final = re.compile(
     r"^([0-9]{4})(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])"
     r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?)?)?$"
 )

@@ -12,7 +12,7 @@ fullUrl of the Patient entry). The elements are those of the FHIR R4 Patient com
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any, Final, TypedDict
 
 import msgspec
 
@@ -22,16 +22,16 @@ from .ingest import Entry, type_id_tail
 
 __all__ = ["SHARED", "SHARED_TYPES", "UNROUTED", "Unrouted", "line_route", "patient_key", "route", "routing_view"]
 
-SHARED = ""  # the route of a resource that belongs to no patient
+SHARED: Final = ""  # the route of a resource that belongs to no patient
 
 # Resources outside every patient compartment that a decision reads through references.
-SHARED_TYPES = frozenset(
+SHARED_TYPES: Final = frozenset(
     {"Organization", "Practitioner", "PractitionerRole", "Location", "HealthcareService", "Endpoint", "Device", "Medication", "Substance"}
 )
 
 # The elements naming a resource's patient, by type, from the Patient compartment definition;
 # for a type not listed, the usual names are tried in this order.
-PATIENT_ELEMENTS: Mapping[str, tuple[str, ...]] = {
+PATIENT_ELEMENTS: Final[Mapping[str, tuple[str, ...]]] = {
     "Encounter": ("subject",),
     "Procedure": ("subject",),
     "Claim": ("patient",),
@@ -45,7 +45,7 @@ PATIENT_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Task": ("for",),
     "Account": ("subject",),
 }
-_USUAL = ("subject", "patient", "beneficiary", "for")
+_USUAL: Final = ("subject", "patient", "beneficiary", "for")
 
 # The members of a resource `route` reads. msgspec decodes a JSON object into this TypedDict as
 # a dict of just these members, checking the syntax of the rest without building it: the routing
@@ -55,7 +55,7 @@ _RoutingView = TypedDict(  # type: ignore[misc]  # (the members are data, not li
     {name: object for name in ("resourceType", "id", *_USUAL, *(n for names in PATIENT_ELEMENTS.values() for n in names))},
     total=False,
 )
-_VIEW = msgspec.json.Decoder(_RoutingView)
+_VIEW: Final = msgspec.json.Decoder(_RoutingView)
 
 
 def routing_view(data: bytes) -> Any:
@@ -97,8 +97,8 @@ class Unrouted:
     """The type of UNROUTED."""
 
 
-UNROUTED = Unrouted()
-_NO_PATIENTS: dict[str, str] = {}  # a line has no other entry to refer to
+UNROUTED: Final = Unrouted()
+_NO_PATIENTS: Final[dict[str, str]] = {}  # a line has no other entry to refer to
 
 
 def line_route(resource: dict[str, Any]) -> str | None | Unrouted:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["OUTCOMES", "SEVERITIES", "Decision", "Finding", "FlaggedLine", "Line", "outcome_of"]
 
 # Most to least severe. `info` explains, it never changes the outcome.
-SEVERITIES = ("error", "review", "warning", "info")
-OUTCOMES = ("bill", "review", "do-not-bill")
+SEVERITIES: Final = ("error", "review", "warning", "info")
+OUTCOMES: Final = ("bill", "review", "do-not-bill")
 
 
 # Values as those of case.py (see the note above case.InputProblem): never assigned to, hashed

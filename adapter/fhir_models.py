@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from datetime import date
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -22,7 +22,7 @@ __all__ = ["RESOURCE_TYPES", "is_resource_type", "load_claim_models", "validate"
 # Every concrete resource type of the R4B models (R4's, and the few R4B adds), as the models
 # declare them (tests/test_fhir_models.py checks the list against them). Kept as data: asking
 # the models means importing one module per type, ~0.2 s each, on every replay's first line.
-RESOURCE_TYPES = frozenset(
+RESOURCE_TYPES: Final = frozenset(
     """
     Account ActivityDefinition AdministrableProductDefinition AdverseEvent AllergyIntolerance
     Appointment AppointmentResponse AuditEvent Basic Binary BiologicallyDerivedProduct
@@ -72,7 +72,7 @@ def validate(resource: dict[str, Any], source: str = "") -> None:
 
 
 # The elements an annotation adds to or changes in a Claim, and the model of each one of them.
-_CHANGED_ELEMENTS = {"extension": "Extension", "item": "ClaimItem", "supportingInfo": "ClaimSupportingInfo", "meta": "Meta"}
+_CHANGED_ELEMENTS: Final = {"extension": "Extension", "item": "ClaimItem", "supportingInfo": "ClaimSupportingInfo", "meta": "Meta"}
 
 
 def validate_changes(original: dict[str, Any] | None, changed: dict[str, Any], source: str = "") -> None:
@@ -124,11 +124,11 @@ def load_claim_models() -> None:
 # and a sample of it. An element is validated by its model once per shape, these values stood in
 # for by their samples, and each value is checked against its primitive: a replay adds the same
 # few shapes to a million Claims, and the models take ~1 ms an element.
-_DATE = re.compile(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?")
-_STRING = re.compile(r"[ \r\n\t\S]+")
+_DATE: Final = re.compile(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?")
+_STRING: Final = re.compile(r"[ \r\n\t\S]+")
 
 
-_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def _date(value: Any) -> Any:
@@ -166,7 +166,7 @@ def _string_or_number(value: Any) -> Any:
 
 # Each takes a value and gives its sample, or None when the value is not of its primitive.
 # Dates we write are dates, so a dateTime element we fill (created, a period) is checked as one.
-_VARYING: dict[str, Callable[[Any], Any]] = {
+_VARYING: Final[dict[str, Callable[[Any], Any]]] = {
     "id": _id,
     "reference": _string,
     "value": _string_or_number,
@@ -178,8 +178,8 @@ _VARYING: dict[str, Callable[[Any], Any]] = {
     "sequence": _positive_int,
     "valuePositiveInt": _positive_int,
 }
-_SHAPES: dict[tuple[str, bytes], bool] = {}  # (model, shape) -> valid
-_MAX_SHAPES = 4096
+_SHAPES: Final[dict[tuple[str, bytes], bool]] = {}  # (model, shape) -> valid
+_MAX_SHAPES: Final = 4096
 
 
 def _sample(value: Any) -> Any:

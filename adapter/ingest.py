@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, Final, NamedTuple
 
 from . import jsonio
 from .errors import InputError, InvalidJSON, InvalidResource, NotFHIR
@@ -41,8 +41,8 @@ __all__ = [
 
 Resource = dict[str, Any]
 
-INPUT_SUFFIXES = (".json", ".ndjson", ".jsonl")
-NDJSON_SUFFIXES = (".ndjson", ".jsonl")
+INPUT_SUFFIXES: Final = (".json", ".ndjson", ".jsonl")
+NDJSON_SUFFIXES: Final = (".ndjson", ".jsonl")
 # NDJSON is read in blocks of this size, and progress reported after each: often enough to move
 # a display, seldom enough to cost nothing next to parsing.
 _BLOCK_BYTES = 1 << 16
@@ -353,7 +353,7 @@ def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 # A JSON document is parsed whole, so it is read whole: this bounds what one file may take.
-DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_FILE_BYTES: Final = 512 * 1024 * 1024
 
 
 def load_file(

@@ -13,7 +13,7 @@ pass, which reads only what routes a resource, `compartment.routing_view`, and k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import orjson
@@ -27,7 +27,7 @@ class JSONDecodeError(ValueError):
     """Not JSON: the message says what is wrong and at which byte."""
 
 
-_DECODER = msgspec.json.Decoder(float_hook=FhirDecimal)
+_DECODER: Final = msgspec.json.Decoder(float_hook=FhirDecimal)
 
 
 def loads(data: bytes | str) -> Any:

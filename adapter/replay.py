@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from . import jsonio
 from .compartment import SHARED, Unrouted, line_route, patient_key, route, routing_view
@@ -223,7 +223,7 @@ class _Router:
             record(block, source, full_url, data)
 
 
-_NOTHING: dict[str, str] = {}
+_NOTHING: Final[dict[str, str]] = {}
 
 
 def _reports(error: InputError, shard: Shard) -> bool:

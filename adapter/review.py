@@ -22,7 +22,7 @@ import csv
 import io
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 from .annotate import draft_claim_id
@@ -44,7 +44,7 @@ __all__ = ["REVIEW_COLUMNS", "review_csv", "review_rows", "review_task", "task_c
 
 Resource = dict[str, Any]
 
-_DISPLAY = {code: display for code, display, _ in TASK_CODES}
+_DISPLAY: Final = {code: display for code, display, _ in TASK_CODES}
 
 
 def _coding(code: str) -> Resource:
@@ -150,7 +150,7 @@ def review_task(
 
 
 # review.csv: one row per decision under review, the columns a biller sorts and filters by first.
-REVIEW_COLUMNS = (
+REVIEW_COLUMNS: Final = (
     "service_date",
     "payer",
     "payer_name",

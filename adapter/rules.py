@@ -10,6 +10,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Final
 
 from .case import Case, ClaimLine, Session
 from .decision import Decision, Finding, FlaggedLine, Line, outcome_of
@@ -18,7 +19,7 @@ from .ruleset import RuleSet
 __all__ = ["FINDING_KINDS", "RULES", "Plan", "decide", "plan_lines"]
 
 # NUBC writes a type of bill as three digits (after its leading zero): a shape, not a billing fact.
-_TOB = re.compile(r"^\d{3}$")
+_TOB: Final = re.compile(r"^\d{3}$")
 
 
 def _found(rules: RuleSet, rule: str, kind: str, message: str, subject: str) -> Finding:
@@ -458,7 +459,7 @@ def _settled(findings: list[Finding], case: Case) -> list[Finding]:
     return [replace(f, severity="warning") if f.severity == "review" and f.rule in answer.rules else f for f in findings]
 
 
-RULES: dict[str, Rule] = {
+RULES: Final[dict[str, Rule]] = {
     "INPUT": _input,
     "PROGRAM": _program,
     "IOP-DATE": _iop_date,
@@ -484,7 +485,7 @@ RULES: dict[str, Rule] = {
 
 # The kinds of finding each rule gives; rules.yaml gives each its severity, and loading the
 # tables checks the two agree (a kind missing there or unknown here is a table error).
-FINDING_KINDS: dict[str, tuple[str, ...]] = {
+FINDING_KINDS: Final[dict[str, tuple[str, ...]]] = {
     "INPUT": ("invalid_value",),
     "PROGRAM": ("both_programs", "claim_without_program", "no_claim_no_program"),
     "IOP-DATE": ("before_start",),

@@ -8,7 +8,7 @@ the annotator, the server gatherer and the writer import these instead of each k
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from .ruleset import RuleSet
 
@@ -45,33 +45,33 @@ __all__ = [
 
 Resource = dict[str, Any]
 
-CANONICAL = "https://g0129-adapter.org/fhir"
-DECISION_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-decision"
+CANONICAL: Final = "https://g0129-adapter.org/fhir"
+DECISION_EXTENSION: Final = f"{CANONICAL}/StructureDefinition/g0129-decision"
 # Marks a Claim.item the adapter added (valueReference: its encounter), so a later decision that
 # no longer supports it can take back our own line. Lines the EHR wrote are never removed.
-LINE_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line"
+LINE_EXTENSION: Final = f"{CANONICAL}/StructureDefinition/g0129-line"
 # Put on a G0129 line the EHR wrote that the decision does not support (no qualifying session
 # behind it, or a do-not-bill day): the line is kept for a person to act on, never deleted.
-LINE_FLAG_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-line-flag"
+LINE_FLAG_EXTENSION: Final = f"{CANONICAL}/StructureDefinition/g0129-line-flag"
 # On a supportingInfo we added (condition code, type of bill): valueReference, the encounter.
-ADDED_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-added"
+ADDED_EXTENSION: Final = f"{CANONICAL}/StructureDefinition/g0129-added"
 # On an EHR line whose revenue or units we corrected: what the EHR wrote, so the next decision
 # reads the Claim as the EHR wrote it (sub-extensions `revenue`, `quantity`; `absent` names a
 # field the EHR had left out).
-CORRECTED_EXTENSION = f"{CANONICAL}/StructureDefinition/g0129-corrected"
-TAG_SYSTEM = f"{CANONICAL}/CodeSystem/tags"
-ANNOTATED_TAG = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
-DRAFT_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/draft-claim"
+CORRECTED_EXTENSION: Final = f"{CANONICAL}/StructureDefinition/g0129-corrected"
+TAG_SYSTEM: Final = f"{CANONICAL}/CodeSystem/tags"
+ANNOTATED_TAG: Final = {"system": TAG_SYSTEM, "code": "annotated", "display": "Annotated by the G0129 adapter"}
+DRAFT_IDENTIFIER_SYSTEM: Final = f"{CANONICAL}/NamingSystem/draft-claim"
 # The code systems of the decision extension's `rule` and `outcome` codes, published with the
 # other definitions (adapter/definitions.py, conformance/).
-RULE_SYSTEM = f"{CANONICAL}/CodeSystem/rules"
-OUTCOME_SYSTEM = f"{CANONICAL}/CodeSystem/outcomes"
+RULE_SYSTEM: Final = f"{CANONICAL}/CodeSystem/rules"
+OUTCOME_SYSTEM: Final = f"{CANONICAL}/CodeSystem/outcomes"
 # The review Task: one per Claim under review, found again by its identifier (value: the Claim).
-REVIEW_TASK_PROFILE = f"{CANONICAL}/StructureDefinition/g0129-review-task"
-TASK_IDENTIFIER_SYSTEM = f"{CANONICAL}/NamingSystem/review-task"
-TASK_CODE_SYSTEM = f"{CANONICAL}/CodeSystem/task-codes"
+REVIEW_TASK_PROFILE: Final = f"{CANONICAL}/StructureDefinition/g0129-review-task"
+TASK_IDENTIFIER_SYSTEM: Final = f"{CANONICAL}/NamingSystem/review-task"
+TASK_CODE_SYSTEM: Final = f"{CANONICAL}/CodeSystem/task-codes"
 # (code, display, definition): Task.code, the input and output types, and a person's answers.
-TASK_CODES = (
+TASK_CODES: Final = (
     ("review", "Review a G0129 decision", "A person decides whether the proposed G0129 lines are billed."),
     ("finding", "Finding", "Input: a finding of the decision (rule, severity, message, subject)."),
     ("missing-data", "Missing data", "Input: what the rules looked for and did not find."),
@@ -85,21 +85,21 @@ TASK_CODES = (
 
 # R5 Claim.encounter carried on an R4 Claim header (Da Vinci PAS does this). No R4 search
 # parameter covers it: a server search on Claim:encounter only follows item.encounter.
-CLAIM_ENCOUNTER_EXTENSION = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
+CLAIM_ENCOUNTER_EXTENSION: Final = "http://hl7.org/fhir/5.0/StructureDefinition/extension-Claim.encounter"
 
-_INACTIVE_CLAIM = ("cancelled", "entered-in-error")
+_INACTIVE_CLAIM: Final = ("cancelled", "entered-in-error")
 
 # FHIR R4 required value sets of the status elements the rules read (a shape of FHIR, not a
 # billing fact): any other value is an input error.
-ENCOUNTER_STATUSES = frozenset(
+ENCOUNTER_STATUSES: Final = frozenset(
     ("planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error", "unknown")
 )
-COVERAGE_STATUSES = frozenset(("active", "cancelled", "draft", "entered-in-error"))
-CLAIM_STATUSES = COVERAGE_STATUSES  # both bind to fm-status
+COVERAGE_STATUSES: Final = frozenset(("active", "cancelled", "draft", "entered-in-error"))
+CLAIM_STATUSES: Final = COVERAGE_STATUSES  # both bind to fm-status
 
 # Every resource type a decision reads (case.py), besides the documentation evidence the rule
 # tables name: a Bulk Data export for replay asks for these and no others (`_type`).
-DECISION_RESOURCE_TYPES = (
+DECISION_RESOURCE_TYPES: Final = (
     "Patient", "Encounter", "EpisodeOfCare", "Procedure", "Condition", "Claim", "Coverage",
     "Organization", "Practitioner", "PractitionerRole",
     # A biller's answer to a review Task of ours is part of the case (adapter/review.py).
@@ -108,7 +108,7 @@ DECISION_RESOURCE_TYPES = (
 # Those outside the R4 Patient compartment (Task too, whose `for` is no compartment link in R4):
 # a Patient- or Group-level export leaves them out (HAPI refuses the kick-off if asked), so they
 # come from a system-level export of their own.
-SHARED_RESOURCE_TYPES = ("Organization", "Practitioner", "PractitionerRole", "Task")
+SHARED_RESOURCE_TYPES: Final = ("Organization", "Practitioner", "PractitionerRole", "Task")
 
 
 def decision_resource_types(rules: RuleSet) -> tuple[str, ...]:
