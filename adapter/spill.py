@@ -107,11 +107,16 @@ class Spill:
             if len(block) != length:
                 raise OSError(f"{path}: cut short while the replay ran")
             file = self._files[piece]
-            lines = block.split(b"\n")
-            for n in range(0, len(lines) - 1, 2):
-                header = lines[n]
+            # Line ends found by `find` (memchr), not `split`, which compares every byte itself.
+            start = 0
+            while start < length:
+                middle = block.index(b"\n", start)
+                end = block.index(b"\n", middle + 1)
+                header = block[start:middle]
+                resource = block[middle + 1 : end]
+                start = end + 1
                 if header.startswith(b"["):
                     source, full_url = orjson.loads(header)
-                    yield source, full_url, lines[n + 1]
+                    yield source, full_url, resource
                 else:
-                    yield line_source(file, int(header)), None, lines[n + 1]
+                    yield line_source(file, int(header)), None, resource
