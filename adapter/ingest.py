@@ -456,7 +456,7 @@ def _bounded_lines(
         if on_bytes is not None:
             on_bytes(len(block))
         # Cut at each line end found by `find` (memchr): `split` compares every byte in a loop
-        # of its own, and costs more than the lines' copies.
+        # of its own, which cost more than copying the lines out.
         start = 0
         while (end := block.find(b"\n", start)) >= 0:
             line = block[start:end]

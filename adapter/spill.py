@@ -107,16 +107,19 @@ class Spill:
             if len(block) != length:
                 raise OSError(f"{path}: cut short while the replay ran")
             file = self._files[piece]
-            # Line ends found by `find` (memchr), not `split`, which compares every byte itself.
+            # Line ends found by `index` (memchr), not `split`, which compares every byte itself.
             start = 0
-            while start < length:
-                middle = block.index(b"\n", start)
-                end = block.index(b"\n", middle + 1)
-                header = block[start:middle]
-                resource = block[middle + 1 : end]
-                start = end + 1
-                if header.startswith(b"["):
-                    source, full_url = orjson.loads(header)
-                    yield source, full_url, resource
-                else:
-                    yield line_source(file, int(header)), None, resource
+            try:
+                while start < length:
+                    middle = block.index(b"\n", start)
+                    end = block.index(b"\n", middle + 1)
+                    header = block[start:middle]
+                    resource = block[middle + 1 : end]
+                    start = end + 1
+                    if header.startswith(b"["):
+                        source, full_url = orjson.loads(header)
+                        yield source, full_url, resource
+                    else:
+                        yield line_source(file, int(header)), None, resource
+            except ValueError:  # no line end where one must be, a header that is not one
+                raise OSError(f"{path}: changed while the replay ran") from None

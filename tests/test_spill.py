@@ -65,6 +65,18 @@ def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) 
         list(spill.read(0))
 
 
+def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> None:
+    block = bytearray()
+    record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
+    line_record(block, 2, b'{"resourceType":"Claim","id":"c2"}')
+    spill = Spill(tmp_path, 1)
+    spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
+    for changed in (bytes(block).replace(b"\n", b" "), bytes(block).replace(b"2\n", b"x\n", 1)):
+        piece_path(tmp_path, 0).write_bytes(changed)  # the same length, other bytes
+        with pytest.raises(OSError, match="changed while the replay ran"):
+            list(spill.read(0))
+
+
 def test_buckets_are_stable_across_processes_and_machines() -> None:
     # A keyed hash, never Python's per-process `hash`: shard 2 of 4 is the same patients on
     # every machine of a fan-out.
