@@ -18,8 +18,8 @@ the files are made on the fly in a temporary directory (~6 GB at 1M encounters, 
 again for the replay's partitions).
 
 On the same bytes, at each `--ratio-size` (encounters; 10k and 100k unless told), it times:
-  - floor:  read + `orjson.loads` of every line;
-  - naive:  every line validated by its fhir.resources R4B model (`model_validate_json`), in
+  - floor:  read + `orjson.loads` of each line;
+  - naive:  each line validated by its fhir.resources R4B model (`model_validate_json`), in
             this process, its models imported and built before (by a one-encounter warm-up);
   - replay: `g0129 replay --workers 1` (the default validation: what we add is validated), and
             `--workers N` (N = the CPUs available), each the whole command: Python's start,
@@ -30,9 +30,15 @@ On the same bytes, at each `--ratio-size` (encounters; 10k and 100k unless told)
             read from thousands of encounters on, where the work dwarfs a start-up's noise);
   - N independent `replay --workers 1` started together: what N processes get from this
             machine's cores, the ceiling for `--workers N`;
-in `--repeat` rounds of one run each (a round's figures are taken together, as this machine's
-speed drifts, and not the same for every measure: the naive path's most), and prints
-encounters/s and the ratios: the median of the rounds' and their range. What runs on one core
+in `--repeat` rounds (5 unless told) of one run each, and prints encounters/s and the ratios:
+the median of the rounds' and their range. A round's figures are taken together, as this
+machine's speed drifts, and not the same for every measure: the naive path's most. So that a
+round's naive path and replay are minutes apart at most, the floor and the naive path read a
+slice of the lines a round, the rounds' slices together being every line once (every
+`repeat`th line of each file: each slice holds every type in the export's proportions), and
+the naive path and the one-worker replay run back to back, in turns (first the one, next round
+the other). Last, the naive path's rate over every line (its slices' time summed) and the
+one-worker replay's median rate over it. What runs on one core
 (the floor, the naive path, the one-worker replays) runs pinned to the same one, so the
 scheduler moving a process between cores adds nothing to the noise (`--no-pin`: not pinned).
 At each of `--sizes` it runs `g0129 replay --workers 1` and prints its wall and CPU time per
@@ -46,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import itertools
 import math
 import os
 import statistics
@@ -135,29 +143,36 @@ def _on(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _lines(folder: Path) -> Iterator[bytes]:
+def _lines(folder: Path, part: int = 0, parts: int = 1) -> Iterator[bytes]:
+    """Every line of the export, or its `part`th slice of `parts`: every `parts`th line of each
+    file from the `part`th, so a slice holds every type in the export's proportions and the
+    slices together hold every line once."""
     for path in sorted(folder.glob("*.ndjson")):
         with open(path, "rb") as fh:
-            yield from fh
+            yield from itertools.islice(fh, part, None, parts)
 
 
-def floor(folder: Path) -> float:
+def floor(folder: Path, part: int = 0, parts: int = 1) -> tuple[float, int]:
+    """(CPU s, lines) of `orjson.loads` on a slice of the export's lines (see `_lines`)."""
+    lines = 0
     start = time.process_time()
-    for line in _lines(folder):
+    for lines, line in enumerate(_lines(folder, part, parts), 1):
         orjson.loads(line)
-    return time.process_time() - start
+    return time.process_time() - start, lines
 
 
-def naive(folder: Path) -> float:
+def naive(folder: Path, part: int = 0, parts: int = 1) -> tuple[float, int]:
+    """(CPU s, lines) of every line of a slice through its R4B model (see `_lines`)."""
     from fhir.resources.R4B import get_fhir_model_class
 
     models: dict[str, Any] = {}
+    lines = 0
     start = time.process_time()
-    for line in _lines(folder):
+    for lines, line in enumerate(_lines(folder, part, parts), 1):
         rtype = orjson.loads(line)["resourceType"]  # which model: the type is in the line
         model = models.get(rtype) or models.setdefault(rtype, get_fhir_model_class(rtype))
         model.model_validate_json(line)
-    return time.process_time() - start
+    return time.process_time() - start, lines
 
 
 def build_of(python: str) -> str:
@@ -208,6 +223,38 @@ def decided(out: Path) -> int:
         return sum(1 for _ in fh)
 
 
+_NAIVE_CPU = "naive CPU s"
+
+
+def _baseline(folder: Path, part: int, parts: int, per_line: float, core: set[int]) -> dict[str, float]:
+    """The floor's and the naive path's rates on one slice of the lines (`per_line`: encounters
+    a line), and the naive path's CPU seconds (`_NAIVE_CPU`)."""
+    with _on(core):
+        floor_cpu, lines = floor(folder, part, parts)
+        naive_cpu, lines = naive(folder, part, parts)
+    return {
+        "floor (orjson.loads)": per_line * lines / floor_cpu,
+        "naive (R4B model_validate_json)": per_line * lines / naive_cpu,
+        _NAIVE_CPU: naive_cpu,
+    }
+
+
+def _one_worker(python: str, tmp: Path, n: int, core: set[int]) -> dict[str, float]:
+    """`replay --workers 1`'s rates on the export in `tmp`, whole and less its start-up."""
+    with _on(core):
+        wall, cpu, _ = replay(python, tmp / "export", tmp / "out", "--workers", "1")
+        assert decided(tmp / "out") == n, f"{decided(tmp / 'out')} decisions for {n} encounters"
+        _, start_up, _ = replay(python, tmp / "single", tmp / "out-single", "--workers", "1")
+        assert decided(tmp / "out-single") == 1
+    # (Within the noise of a start-up, ~0.05 s, at a few hundred encounters: no figure.)
+    work = cpu - start_up
+    return {
+        "replay --workers 1 (CPU)": n / cpu,
+        "replay --workers 1 (CPU less start-up)": (n - 1) / work if work > 0 else math.nan,
+        "replay --workers 1 (wall)": n / wall,
+    }
+
+
 def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) -> None:
     """The rates and ratios at n encounters, round by round (see the module's docstring)."""
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -218,28 +265,27 @@ def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) ->
         single.mkdir()
         generate(single, 1)
         naive(single)  # the models the naive path uses, imported and built once, before any round
+        total = sum(1 for _ in _lines(folder))
         print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
-        # Round by round, every measure once: a round's rates are taken together, so each
-        # ratio compares figures of the same minutes (the machine's speed drifts, and not the
-        # same for every measure), and the median of the rounds' ratios is printed.
+        # Round by round, every measure once, the naive path on one slice of the lines and
+        # beside the one-worker replay (see the module's docstring): the naive path over every
+        # line takes ~8x a replay's time, and measured whole each round it would leave minutes
+        # between the two figures of a ratio, over which this machine's speed moves.
         rounds: list[dict[str, float]] = []
-        for _ in range(args.repeat):
-            with _on(core):
-                rates = {"floor (orjson.loads)": n / floor(folder), "naive (R4B model_validate_json)": n / naive(folder)}
-            for workers in (1, args.workers):
-                out = Path(tmp) / "out"
-                with _on(core if workers == 1 else every):
-                    wall, cpu, _ = replay(args.python, folder, out, "--workers", str(workers))
-                assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
-                rates[f"replay --workers {workers} (CPU)"] = n / cpu
-                if workers == 1:
-                    with _on(core):
-                        _, start_up, _ = replay(args.python, single, Path(tmp) / "out-single", "--workers", "1")
-                    assert decided(Path(tmp) / "out-single") == 1
-                    # (Within the noise of a start-up, ~0.05 s, at a few hundred encounters: no figure.)
-                    work = cpu - start_up
-                    rates["replay --workers 1 (CPU less start-up)"] = (n - 1) / work if work > 0 else math.nan
-                rates[f"replay --workers {workers} (wall)"] = n / wall
+        naive_cpu = 0.0
+        for part in range(args.repeat):
+            rates: dict[str, float] = {}
+            baseline = functools.partial(_baseline, folder, part, args.repeat, n / total, core)
+            one_worker = functools.partial(_one_worker, args.python, Path(tmp), n, core)
+            for measure in (baseline, one_worker) if part % 2 == 0 else (one_worker, baseline):
+                rates.update(measure())
+            naive_cpu += rates.pop(_NAIVE_CPU)
+            out = Path(tmp) / "out"
+            with _on(every):
+                wall, cpu, _ = replay(args.python, folder, out, "--workers", str(args.workers))
+            assert decided(out) == n, f"{decided(out)} decisions for {n} encounters"
+            rates[f"replay --workers {args.workers} (CPU)"] = n / cpu
+            rates[f"replay --workers {args.workers} (wall)"] = n / wall
             rates[f"{args.workers} one-worker replays at once (wall)"] = args.workers * n / side_by_side(args.python, folder, Path(tmp), args.workers)
             rounds.append(rates)
         print(f"  (the median of {args.repeat} rounds: each rate's, and each ratio's within a round, then the rounds' range)")
@@ -257,6 +303,13 @@ def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) ->
             f"{args.workers} independent replays side by side {statistics.median(r[side] / r[one] for r in rounds):.2f}x "
             "(what this machine's cores give N processes: the ceiling)"
         )
+        if args.repeat > 1:
+            whole = n / naive_cpu
+            replayed = statistics.median(r["replay --workers 1 (CPU)"] for r in rounds)
+            print(
+                f"  the naive path over every line (the {args.repeat} rounds' slices together): {whole:,.0f} enc/s; "
+                f"the one-worker replay's median rate over it: {replayed / whole:.2f}x"
+            )
 
 
 def main() -> None:
@@ -264,7 +317,7 @@ def main() -> None:
     parser.add_argument("--ratio-size", type=int, nargs="+", default=[10_000, 100_000], help="encounters for the ratios, at each size (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measure for the ratios (their medians and range are printed)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of every measure for the ratios (their medians and range are printed; the floor and the naive path read 1/repeat of the lines a round)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
     parser.add_argument("--no-pin", action="store_true", help="run the one-core measures on any core")
