@@ -18,7 +18,7 @@ the files are made on the fly in a temporary directory (~6 GB at 1M encounters, 
 again for the replay's partitions).
 
 On the same bytes, at each `--ratio-size` (encounters; 10k and 100k unless told), it times:
-  - floor:  read + `orjson.loads` of each line;
+  - floor:  `orjson.loads` of each line (read before);
   - naive:  each line validated by its fhir.resources R4B model (`model_validate_json`), in
             this process, its models imported and built before (by a one-encounter warm-up);
   - replay: `g0129 replay --workers 1` (the default validation: what we add is validated), and
@@ -152,27 +152,25 @@ def _lines(folder: Path, part: int = 0, parts: int = 1) -> Iterator[bytes]:
             yield from itertools.islice(fh, part, None, parts)
 
 
-def floor(folder: Path, part: int = 0, parts: int = 1) -> tuple[float, int]:
-    """(CPU s, lines) of `orjson.loads` on a slice of the export's lines (see `_lines`)."""
-    lines = 0
+def floor(lines: list[bytes]) -> float:
+    """CPU s of `orjson.loads` on each of `lines`."""
     start = time.process_time()
-    for lines, line in enumerate(_lines(folder, part, parts), 1):
+    for line in lines:
         orjson.loads(line)
-    return time.process_time() - start, lines
+    return time.process_time() - start
 
 
-def naive(folder: Path, part: int = 0, parts: int = 1) -> tuple[float, int]:
-    """(CPU s, lines) of every line of a slice through its R4B model (see `_lines`)."""
+def naive(lines: list[bytes]) -> float:
+    """CPU s of each of `lines` through its R4B model."""
     from fhir.resources.R4B import get_fhir_model_class
 
     models: dict[str, Any] = {}
-    lines = 0
     start = time.process_time()
-    for lines, line in enumerate(_lines(folder, part, parts), 1):
+    for line in lines:
         rtype = orjson.loads(line)["resourceType"]  # which model: the type is in the line
         model = models.get(rtype) or models.setdefault(rtype, get_fhir_model_class(rtype))
         model.model_validate_json(line)
-    return time.process_time() - start, lines
+    return time.process_time() - start
 
 
 def build_of(python: str) -> str:
@@ -229,12 +227,15 @@ _NAIVE_CPU = "naive CPU s"
 def _baseline(folder: Path, part: int, parts: int, per_line: float, core: set[int]) -> dict[str, float]:
     """The floor's and the naive path's rates on one slice of the lines (`per_line`: encounters
     a line), and the naive path's CPU seconds (`_NAIVE_CPU`)."""
+    # Read before either is timed: reading the file to pick one line in `parts` would weigh
+    # `parts` times what it weighs for the replay, which reads each line once.
+    lines = list(_lines(folder, part, parts))
     with _on(core):
-        floor_cpu, lines = floor(folder, part, parts)
-        naive_cpu, lines = naive(folder, part, parts)
+        floor_cpu = floor(lines)
+        naive_cpu = naive(lines)
     return {
-        "floor (orjson.loads)": per_line * lines / floor_cpu,
-        "naive (R4B model_validate_json)": per_line * lines / naive_cpu,
+        "floor (orjson.loads)": per_line * len(lines) / floor_cpu,
+        "naive (R4B model_validate_json)": per_line * len(lines) / naive_cpu,
         _NAIVE_CPU: naive_cpu,
     }
 
@@ -264,7 +265,7 @@ def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) ->
         single = Path(tmp) / "single"
         single.mkdir()
         generate(single, 1)
-        naive(single)  # the models the naive path uses, imported and built once, before any round
+        naive(list(_lines(single)))  # the models the naive path uses, imported and built once, before any round
         total = sum(1 for _ in _lines(folder))
         print(f"\n{n:,} encounters, {size / 1e6:,.0f} MB of NDJSON, the same bytes for each:")
         # Round by round, every measure once, the naive path on one slice of the lines and
