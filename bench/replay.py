@@ -184,19 +184,31 @@ def build_of(python: str) -> str:
     return f"{'compiled by mypyc' if not case.endswith('.py') else 'pure Python'} ({package})"
 
 
+# Starts a replay and prints its wall s, exit code, CPU s (its workers' included: wait4 counts
+# the descendants it waited for) and peak RSS KB. A process of its own, and a small one, since
+# Linux gives a child the peak RSS of the process it was forked from, kept across exec: started
+# from this one, which holds a slice of the export's lines, a replay would show this one's.
+_LAUNCH = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+"""
+
+
 def replay(python: str, folder: Path, out: Path, *flags: str) -> tuple[float, float, int]:
     """`g0129 replay` in a fresh process: (wall s, CPU s of it and its workers, peak RSS KB of
     the largest process). Checks every encounter was decided."""
     argv = [python, "-m", "adapter.cli", "replay", str(folder), "--out", str(out), "--no-progress", *flags]
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=folder.parent, stdout=subprocess.DEVNULL)
-    # wait4: this run's own figures (its workers' CPU included), not every child's so far.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"replay failed: exit {proc.returncode}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    report = subprocess.run([sys.executable, "-c", _LAUNCH, *argv], cwd=folder.parent, check=True, capture_output=True, text=True)
+    wall, code, cpu, rss = report.stdout.split()
+    if int(code) not in (0, 1):
+        raise SystemExit(f"replay failed: exit {code}")
+    return float(wall), float(cpu), int(rss)
 
 
 def side_by_side(python: str, folder: Path, tmp: Path, k: int) -> float:
