@@ -328,12 +328,20 @@ def ratios(args: argparse.Namespace, n: int, core: set[int], every: set[int]) ->
             )
 
 
+def count(text: str) -> int:
+    """A number of rounds: 1 or more."""
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1 round")
+    return number
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio-size", type=int, nargs="+", default=[10_000, 100_000], help="encounters for the ratios, at each size (0: none)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="encounters for memory and time")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="N for the N-worker run")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds of every measure for the ratios (their medians and range are printed; the floor and the naive path read 1/repeat of the lines a round)")
+    parser.add_argument("--repeat", type=count, default=5, help="rounds of every measure for the ratios (their medians and range are printed; the floor and the naive path read 1/repeat of the lines a round)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the export and outputs go (default: the system's temp)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter whose adapter the replays run (default: this one)")
     parser.add_argument("--no-pin", action="store_true", help="run the one-core measures on any core")
