@@ -207,7 +207,8 @@ def replay(python: str, folder: Path, out: Path, *flags: str) -> tuple[float, fl
     """`g0129 replay` in a fresh process: (wall s, CPU s of it and its workers, peak RSS KB of
     the largest process). Checks every encounter was decided."""
     argv = [python, "-m", "adapter.cli", "replay", str(folder), "--out", str(out), "--no-progress", *flags]
-    report = subprocess.run([sys.executable, "-c", _LAUNCH, *argv], cwd=folder.parent, check=True, capture_output=True, text=True)
+    # (The replay's stderr, and the launcher's, go to this one's: a failed replay says why.)
+    report = subprocess.run([sys.executable, "-c", _LAUNCH, *argv], cwd=folder.parent, check=True, stdout=subprocess.PIPE, text=True)
     wall, code, cpu, rss = report.stdout.split()
     if int(code) not in (0, 1):
         raise SystemExit(f"replay failed: exit {code}")
