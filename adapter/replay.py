@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
-from . import heap, jsonio
+from . import jsonio
 from .compartment import SHARED, Unrouted, line_route, patient_key, route, routing_view
 from .errors import InputError, InvalidJSON
 from .fhir_models import load_claim_models
@@ -49,9 +49,6 @@ __all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "pla
 
 # A partition's share of the input: its resources, parsed, take ~10x this in memory.
 PARTITION_BYTES = 4 << 20
-# The memory kept from one partition to the next (`heap.keep`), by the bytes of a partition: a
-# little under what deciding one takes, so the peak stays where it was.
-KEEP_PER_BYTE = 8
 MAX_PARTITIONS = 4096
 # What one routing task reads, at least: large enough that a task's overhead is nothing, small
 # enough that a small export's files keep every worker busy. A big export is cut into at most
@@ -126,8 +123,6 @@ def plan(
     sizes = [_size(f) for f in files]
     partitions = max(1, min(MAX_PARTITIONS, -(-sum(sizes) // (PARTITION_BYTES * shard.count))))
     piece_bytes = MAX_PIECE_BYTES if workers <= 1 else min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
-    # From the start: routing's buffers are kept as well. (Processes forked later inherit it.)
-    heap.keep(KEEP_PER_BYTE * min(PARTITION_BYTES, sum(sizes) // (shard.count * partitions)))
     spill = Spill(directory, partitions)
     shared = Index()
     errors: list[InputError] = []
