@@ -7,7 +7,9 @@
 
 The replays run the adapter that `--python` (default: this interpreter) imports, from outside
 the source tree: an install from a wheel (`pip install .`, the image) runs the modules compiled
-by mypyc, an editable install the same code as pure Python. The first line says which.
+by mypyc, an editable install the same code as pure Python. The first lines say which, the
+processor, and the versions of the libraries the naive path (this interpreter's) and the replay
+(`--python`'s) run on: the ratios move with each.
 
 Generates N realistic PHP/IOP encounters as a FHIR Bulk Data export: one NDJSON file per
 resource type (Patient, Coverage, Condition, EpisodeOfCare, Encounter, Procedure, Goal,
@@ -56,12 +58,13 @@ import functools
 import itertools
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -182,6 +185,31 @@ def build_of(python: str) -> str:
     package, case = subprocess.run([python, "-c", probe], cwd="/", check=True, capture_output=True, text=True).stdout.split()
     subprocess.run([python, "-m", "compileall", "-q", package], check=True)
     return f"{'compiled by mypyc' if not case.endswith('.py') else 'pure Python'} ({package})"
+
+
+# The libraries each side's speed rests on: the naive path's (pydantic-core's compiled validators,
+# in this interpreter) and the replay's (in `--python`'s).
+NAIVE_LIBRARIES = ("fhir.resources", "pydantic-core")
+REPLAY_LIBRARIES = ("msgspec", "orjson", "fhir.resources", "pydantic-core")
+
+
+def versions(python: str, names: Sequence[str]) -> str:
+    """`name version, ...` of the distributions `names` as `python` has them installed."""
+    probe = "import sys, importlib.metadata as m; print(', '.join(f'{n} {m.version(n)}' for n in sys.argv[1:]))"
+    return subprocess.run([python, "-c", probe, *names], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
+
+
+def processor() -> str:
+    """The processor's model: the ratios depend on it (the naive path's compiled validators and
+    the replay's interpreter do not gain alike from one processor to another)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 # Starts a replay and prints its wall s, exit code, CPU s (its workers' included: wait4 counts
@@ -350,7 +378,9 @@ def main() -> None:
     every = os.sched_getaffinity(0)
     core = every if args.no_pin else {min(every)}
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
+    print(f"processor: {processor()}")
     print(f"adapter: {build_of(args.python)}")
+    print(f"libraries: the naive path {versions(sys.executable, NAIVE_LIBRARIES)}; the replay {versions(args.python, REPLAY_LIBRARIES)}")
     for n in args.ratio_size:
         if n:
             ratios(args, n, core, every)
