@@ -200,16 +200,24 @@ def versions(python: str, names: Sequence[str]) -> str:
 
 
 def processor() -> str:
-    """The processor's model: the ratios depend on it (the naive path's compiled validators and
-    the replay's interpreter do not gain alike from one processor to another)."""
+    """The processor: the ratios depend on it (the naive path's compiled validators and the
+    replay's interpreter do not gain alike from one processor to another). Its model name, and
+    its family and model numbers, which tell generations apart where a virtual machine gives
+    only a brand ("AMD EPYC")."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if not name.strip():
+                    break  # the first processor's fields only
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "unknown"
+    numbers = ", ".join(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields)
+    return f"{fields['model name']} ({numbers})" if numbers else fields["model name"]
 
 
 # Starts a replay and prints its wall s, exit code, CPU s (its workers' included: wait4 counts
