@@ -193,10 +193,21 @@ NAIVE_LIBRARIES = ("fhir.resources", "pydantic-core")
 REPLAY_LIBRARIES = ("msgspec", "orjson", "fhir.resources", "pydantic-core")
 
 
+# Prints `name version` for each distribution named in argv, or `name not installed`.
+_VERSIONS = """
+import sys, importlib.metadata as m
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return "not installed"
+print(", ".join(f"{name} {version(name)}" for name in sys.argv[1:]))
+"""
+
+
 def versions(python: str, names: Sequence[str]) -> str:
     """`name version, ...` of the distributions `names` as `python` has them installed."""
-    probe = "import sys, importlib.metadata as m; print(', '.join(f'{n} {m.version(n)}' for n in sys.argv[1:]))"
-    return subprocess.run([python, "-c", probe, *names], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run([python, "-c", _VERSIONS, *names], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
 
 
 def processor() -> str:
