@@ -181,7 +181,7 @@ def patients_of(index: Index, encounter_ids: Sequence[str]) -> set[str]:
 
 
 def _patient_of(index: Index, encounter_id: str) -> str | None:
-    encounter = index.by_key.get(f"Encounter/{encounter_id}")
+    encounter = index.get(f"Encounter/{encounter_id}")
     subject = encounter.resource.get("subject") if encounter else None
     parts = split_reference(subject.get("reference", "")) if isinstance(subject, dict) else None
     return f"{parts[0]}/{parts[1]}" if parts and parts[0] == "Patient" else None

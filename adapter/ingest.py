@@ -93,24 +93,32 @@ def _version_rank(resource: Resource) -> tuple[int, str]:
 
 @dataclass
 class Index:
-    """Every resource of a run, findable by `Type/id`, by fullUrl and by type."""
+    """Every resource of a run, findable by `Type/id`, by fullUrl and by type.
+
+    An index made `over` another (a replay's shared resources) finds that one's resources too,
+    as if they had been added to it first, without copying or changing it."""
 
     by_key: dict[str, Entry] = field(default_factory=dict)
     by_full_url: dict[str, Entry] = field(default_factory=dict)
     by_type: dict[str, list[Entry]] = field(default_factory=dict)
+    base: Index | None = None
+    # Keys of `base` this index has a resource of its own for (newer, or `replace`d), and the
+    # fullUrls of `base`'s resources it `replace`d: neither is found in `base` any more.
+    shadowed: set[str] = field(default_factory=set)
+    hidden_urls: set[str] = field(default_factory=set)
 
     def add(self, entry: Entry) -> None:
         key = entry.key
-        current = self.by_key.get(key)
+        current = self.get(key)
         if current is not None:
             # The same resource seen twice (a standalone file and a bundle, or two versions):
             # keep the newer version; on a tie the first one seen stays. A copy from another
             # server (another fullUrl) stays reachable by its fullUrl.
             if _version_rank(entry.resource) <= _version_rank(current.resource):
-                if entry.full_url:
-                    self.by_full_url.setdefault(entry.full_url, entry)
+                if entry.full_url and self.by_url(entry.full_url) is None:
+                    self.by_full_url[entry.full_url] = entry
                 return
-            self.by_type[entry.type] = [e for e in self.by_type[entry.type] if e is not current]
+            self._forget(current)
         self.by_key[key] = entry
         if entry.full_url:
             self.by_full_url[entry.full_url] = entry
@@ -119,21 +127,51 @@ class Index:
     def replace(self, entry: Entry) -> None:
         """Put `entry` in place of the resource of the same key, whatever the versions say
         (the server's copy of a Claim stands for it, older or newer than a file's)."""
-        current = self.by_key.pop(entry.key, None)
+        current = self.get(entry.key)
         if current is not None:
-            self.by_type[entry.type] = [e for e in self.by_type[entry.type] if e is not current]
-            if current.full_url and self.by_full_url.get(current.full_url) is current:
-                del self.by_full_url[current.full_url]
+            self._forget(current)
+            if current.full_url and self.by_url(current.full_url) is current:
+                self.by_full_url.pop(current.full_url, None)
+                if self.base is not None and self.base.by_url(current.full_url) is current:
+                    self.hidden_urls.add(current.full_url)
+            self.by_key.pop(entry.key, None)
         self.add(entry)
+
+    def _forget(self, current: Entry) -> None:
+        """Take `current` out of the types listed, before another resource of its key comes in."""
+        if self.by_key.get(current.key) is current:
+            self.by_type[current.type] = [e for e in self.by_type[current.type] if e is not current]
+        else:
+            self.shadowed.add(current.key)
 
     @classmethod
     def over(cls, shared: Index) -> Index:
-        """An index that starts with `shared`'s resources (the Organizations and Practitioners
-        every patient refers to) and takes one part of a replay on top, leaving `shared` as it is."""
-        return cls(dict(shared.by_key), dict(shared.by_full_url), {t: list(e) for t, e in shared.by_type.items()})
+        """An empty index on top of `shared` (the Organizations and Practitioners every patient
+        refers to), for one part of a replay: it finds `shared`'s resources and leaves it as it is."""
+        return cls(base=shared)
+
+    def get(self, key: str) -> Entry | None:
+        """The resource of key `Type/id` (or the fullUrl of one without an id), or None."""
+        hit = self.by_key.get(key)
+        if hit is None and self.base is not None and key not in self.shadowed:
+            return self.base.get(key)
+        return hit
+
+    def by_url(self, url: str) -> Entry | None:
+        """The resource of fullUrl `url`, or None."""
+        hit = self.by_full_url.get(url)
+        if hit is None and self.base is not None and url not in self.hidden_urls:
+            return self.base.by_url(url)
+        return hit
 
     def of_type(self, resource_type: str) -> list[Entry]:
-        return self.by_type.get(resource_type, [])
+        own = self.by_type.get(resource_type, [])
+        if self.base is None:
+            return own
+        below = self.base.of_type(resource_type)
+        if self.shadowed and below:
+            below = [e for e in below if e.key not in self.shadowed]
+        return below + own if below and own else below or own
 
     def resolve(self, reference: Any, context: Entry | None = None) -> Resource | None:
         """The resource a Reference points at, or None (identifier-only, display-only, dangling).
@@ -160,19 +198,19 @@ class Index:
                 if isinstance(contained, dict) and contained.get("id") == local:
                     return contained
             return None
-        hit = self.by_full_url.get(ref)
+        hit = self.by_url(ref)
         if hit is not None:
             return hit
         if "://" in ref:
-            return self.by_key.get(type_id_tail(ref))
+            return self.get(type_id_tail(ref))
         if context is not None and context.base:
-            hit = self.by_full_url.get(context.base + ref)
+            hit = self.by_url(context.base + ref)
             if hit is not None:
                 return hit
-        return self.by_key.get(type_id_tail(ref))
+        return self.get(type_id_tail(ref))
 
     def __len__(self) -> int:
-        return len(self.by_key)
+        return len(self.by_key) + (len(self.base) - len(self.shadowed) if self.base is not None else 0)
 
 
 def type_id_tail(ref: str) -> str:

@@ -50,6 +50,9 @@ __all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "pla
 # A partition's share of the input: its resources, parsed, take ~10x this in memory.
 PARTITION_BYTES = 4 << 20
 MAX_PARTITIONS = 4096
+# A group's share of the input: a partition is decided a group of its patients at a time, so
+# that what a decision reads stays in the processor's caches (see `decide`).
+GROUP_BYTES = 64 << 10
 # What one routing task reads, at least: large enough that a task's overhead is nothing, small
 # enough that a small export's files keep every worker busy. A big export is cut into at most
 # about MAX_PIECES pieces, each writing a file that every partition is then read from, of at
@@ -122,8 +125,11 @@ def plan(
     files = list(files)
     sizes = [_size(f) for f in files]
     partitions = max(1, min(MAX_PARTITIONS, -(-sum(sizes) // (PARTITION_BYTES * shard.count))))
+    # An input of one partition is decided whole: its outputs follow the dates of service
+    # throughout (a small replay's review.csv is a worklist in date order).
+    groups = 1 if partitions == 1 else -(-sum(sizes) // (GROUP_BYTES * shard.count * partitions))
     piece_bytes = MAX_PIECE_BYTES if workers <= 1 else min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
-    spill = Spill(directory, partitions)
+    spill = Spill(directory, partitions, groups)
     shared = Index()
     errors: list[InputError] = []
     encounters = 0
@@ -131,7 +137,9 @@ def plan(
     for path, size in zip(files, sizes):
         for span in _spans(path, size, piece_bytes):
             pieces.append(Piece(path, span, len(pieces)))
-    route = functools.partial(route_piece, partitions=partitions, shard=shard, max_file_bytes=max_file_bytes, directory=directory)
+    route = functools.partial(
+        route_piece, partitions=partitions, groups=groups, shard=shard, max_file_bytes=max_file_bytes, directory=directory
+    )
     for number, routed in enumerate(_in_order(route, pieces, workers)):
         spill.add(number, routed.extents, str(pieces[number].path))
         for source, full_url, raw in routed.shared:
@@ -172,10 +180,10 @@ class Routed:
     size: int
 
 
-def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int, directory: Path) -> Routed:
+def route_piece(piece: Piece, partitions: int, groups: int, shard: Shard, max_file_bytes: int, directory: Path) -> Routed:
     """Route the resources of one piece of input to their partitions, written to the piece's
     file in `directory` (see `plan`)."""
-    router = _Router(partitions, shard)
+    router = _Router(partitions, groups, shard)
     errors: list[InputError] = []
     for value in read_file(piece.path, max_file_bytes, parse=routing_view, span=piece.span):
         if isinstance(value, Value) and value.line and value.raw is not None and type(value.value) is dict:
@@ -191,16 +199,17 @@ def route_piece(piece: Piece, partitions: int, shard: Shard, max_file_bytes: int
         for entry, raw in found:
             data = raw if raw is not None else jsonio.dumps(entry.resource)
             router.put(route(entry, local), entry.type == "Encounter", data, entry.source, entry.full_url, 0)
-    return Routed(write_piece(directory, piece.number, router.records), router.shared, errors, router.encounters, piece.size)
+    return Routed(write_piece(directory, piece.number, router.records, groups), router.shared, errors, router.encounters, piece.size)
 
 
 class _Router:
     """What one routing task has routed so far: its records by partition, the shared resources."""
 
-    def __init__(self, partitions: int, shard: Shard) -> None:
+    def __init__(self, partitions: int, groups: int, shard: Shard) -> None:
         self.partitions = partitions
+        self.groups = groups
         self.shard = shard
-        self.records: dict[int, bytearray] = {}
+        self.records: dict[int, bytearray] = {}  # by partition * groups + group
         self.shared: list[tuple[str, str | None, bytes]] = []
         self.encounters = 0
 
@@ -210,13 +219,14 @@ class _Router:
         if key == SHARED:
             self.shared.append((line_source(source, line) if line else source, full_url, data))
             return
-        part_shard, partition = bucket(key or "", self.shard.count, self.partitions)
+        part_shard, partition, group = bucket(key or "", self.shard.count, self.partitions, self.groups)
         if part_shard != self.shard.index:
             return
         self.encounters += encounter
-        block = self.records.get(partition)
+        n = partition * self.groups + group
+        block = self.records.get(n)
         if block is None:
-            block = self.records[partition] = bytearray()
+            block = self.records[n] = bytearray()
         if line:
             line_record(block, line, data)
         else:
@@ -260,16 +270,20 @@ def _resources(value: Value | InputError) -> tuple[list[tuple[Entry, bytes | Non
     return [(e, None) for e in entries], errors
 
 
-def decide(plan: Plan, partition: int, rules: RuleSet, validation: Validation) -> tuple[Index, RunResult]:
-    """One partition through the one decision step, on top of the shared resources."""
-    index = Index.over(plan.shared)
-    errors: list[InputError] = []
-    for source, full_url, raw in plan.spill.read(partition):
-        if (resource := _parse(raw, source, errors)) is not None:
-            index.add(Entry(resource, source, full_url))
-    result = evaluate(index, rules, validation)
-    result.errors[:0] = errors
-    return index, result
+def decide(plan: Plan, partition: int, rules: RuleSet, validation: Validation) -> Iterator[tuple[Index, RunResult]]:
+    """One partition through the one decision step, a group at a time, each group on top of the
+    shared resources: a group's resources are parsed, decided and let go before the next's are
+    read, so what the decision walks (and frees) stays in the processor's caches."""
+    for group in plan.spill.read(partition):
+        index = Index.over(plan.shared)
+        errors: list[InputError] = []
+        for source, full_url, raw in group:
+            if (resource := _parse(raw, source, errors)) is not None:
+                index.add(Entry(resource, source, full_url))
+        result = evaluate(index, rules, validation)
+        result.errors[:0] = errors
+        yield index, result
+        del index, result
 
 
 def _parse(raw: bytes, source: str, errors: list[InputError]) -> Any:
@@ -284,7 +298,7 @@ def _parse(raw: bytes, source: str, errors: list[InputError]) -> Any:
 
 
 def part_of(index: Index, run: RunResult, shared: int) -> Part:
-    """What a decided partition writes and counts."""
+    """What a decided group writes and counts."""
     return Part(
         decisions=b"".join(jsonio.dumps(d.to_json()) + b"\n" for d in run.decisions),
         claims=b"".join(jsonio.dumps(c.resource) + b"\n" for c in run.claims),
@@ -296,6 +310,25 @@ def part_of(index: Index, run: RunResult, shared: int) -> Part:
         outcomes=Counter(d.outcome for d in run.decisions),
         findings=Counter((f.rule, f.severity) for d in run.decisions for f in d.findings),
     )
+
+
+def joined(parts: list[Part]) -> Part:
+    """The groups of a partition as one Part, their lines in the order of the groups."""
+    if len(parts) == 1:
+        return parts[0]
+    whole = Part(
+        decisions=b"".join(p.decisions for p in parts),
+        claims=b"".join(p.claims for p in parts),
+        review=b"".join(p.review for p in parts),
+    )
+    for part in parts:
+        whole.errors.extend(part.errors)
+        whole.resources += part.resources
+        whole.encounters_seen += part.encounters_seen
+        whole.claims_written += part.claims_written
+        whole.outcomes.update(part.outcomes)
+        whole.findings.update(part.findings)
+    return whole
 
 
 def run(
@@ -328,10 +361,13 @@ _WORK: tuple[Plan, RuleSet, Validation, Callable[[Index, RunResult], None] | Non
 def _decide_part(partition: int) -> Part:
     assert _WORK is not None, "set by run()"
     plan, rules, validation, on_decided = _WORK
-    index, result = decide(plan, partition, rules, validation)
-    if on_decided is not None:
-        on_decided(index, result)
-    return part_of(index, result, len(plan.shared))
+    parts = []
+    for index, result in decide(plan, partition, rules, validation):
+        if on_decided is not None:
+            on_decided(index, result)
+        parts.append(part_of(index, result, len(plan.shared)))
+        del index, result  # before the next group is read
+    return joined(parts) if parts else Part()
 
 
 def _in_order(function: Callable[[_T], _R], items: Sequence[_T], workers: int) -> Iterator[_R]:

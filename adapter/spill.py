@@ -28,11 +28,13 @@ from .ingest import line_source
 __all__ = ["Spill", "bucket", "line_record", "piece_path", "record", "write_piece"]
 
 
-def bucket(route: str, shards: int, partitions: int) -> tuple[int, int]:
-    """(shard, partition) of a route key: stable across runs, processes and machines (CRC-32,
-    never Python's `hash`, which differs per process), independent of each other."""
+def bucket(route: str, shards: int, partitions: int, groups: int = 1) -> tuple[int, int, int]:
+    """(shard, partition, group) of a route key: stable across runs, processes and machines
+    (CRC-32, never Python's `hash`, which differs per process), independent of each other. The
+    group is the part of its partition a key is decided with (see `Spill.read`)."""
     h = zlib.crc32(route.encode())
-    return h % shards, (h // shards) % partitions
+    rest = h // shards
+    return h % shards, rest % partitions, (rest // partitions) % groups
 
 
 def record(block: bytearray, source: str, full_url: str | None, resource: bytes) -> None:
@@ -60,28 +62,34 @@ def piece_path(directory: Path, piece: int) -> Path:
     return directory / f"piece-{piece:06d}.spill"
 
 
-def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytearray]) -> dict[int, tuple[int, int]]:
-    """Write a routing task's records, `blocks[partition]` (made by `record`), to the file of
-    piece number `piece`; returns where each partition's block is: (offset, length)."""
+def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytearray], groups: int = 1) -> dict[int, tuple[int, int]]:
+    """Write a routing task's records to the file of piece number `piece`: `blocks[n]` (made by
+    `record`) holds those of group `n % groups` of partition `n // groups`. Returns where each
+    partition's records are: (offset, length), its groups one after the other, each but a
+    partition of one group preceded by a line `g<group>`."""
     extents: dict[int, tuple[int, int]] = {}
     if not blocks:
         return extents
     offset = 0
     with open(piece_path(directory, piece), "wb") as fh:
-        for partition in sorted(blocks):
-            block = blocks[partition]
-            fh.write(block)
-            extents[partition] = (offset, len(block))
-            offset += len(block)
+        for n in sorted(blocks):
+            partition, group = divmod(n, groups)
+            start = extents[partition][0] if partition in extents else offset
+            if groups > 1:
+                offset += fh.write(b"g%d\n" % group)
+            offset += fh.write(blocks[n])
+            extents[partition] = (start, offset - start)
     return extents
 
 
 class Spill:
-    """`partitions` partitions, each the blocks the pieces `add`ed hold for it, read by `read`."""
+    """`partitions` partitions of `groups` groups each, a partition the blocks the pieces
+    `add`ed hold for it, read by `read`."""
 
-    def __init__(self, directory: Path, partitions: int) -> None:
+    def __init__(self, directory: Path, partitions: int, groups: int = 1) -> None:
         self.directory = directory
         self.partitions = partitions
+        self.groups = groups
         self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (piece, offset, length)
         self._files: dict[int, str] = {}  # piece -> the file its `line_record`s are lines of
         self.sizes = [0] * partitions
@@ -94,9 +102,11 @@ class Spill:
             self._blocks[partition].append((piece, offset, length))
             self.sizes[partition] += length
 
-    def read(self, partition: int) -> Iterator[tuple[str, str | None, bytes]]:
-        """Each record of a partition: (source, fullUrl, resource JSON). Block by block: a block
-        holds whole records, and only one is in memory at a time."""
+    def read(self, partition: int) -> list[list[tuple[str, str | None, bytes]]]:
+        """The records of a partition, (source, fullUrl, resource JSON), by group: the records of
+        group 0 in the order they were read, then group 1's... (only the groups that have any).
+        The partition's bytes are read block by block, a block holding whole records."""
+        groups: dict[int, list[tuple[str, str | None, bytes]]] = {}
         for piece, offset, length in self._blocks[partition]:
             path = piece_path(self.directory, piece)
             fd = os.open(path, os.O_RDONLY)
@@ -107,19 +117,25 @@ class Spill:
             if len(block) != length:
                 raise OSError(f"{path}: cut short while the replay ran")
             file = self._files[piece]
+            found = groups.setdefault(0, [])
             # Line ends found by `index` (memchr), not `split`, which compares every byte itself.
             start = 0
             try:
                 while start < length:
                     middle = block.index(b"\n", start)
-                    end = block.index(b"\n", middle + 1)
                     header = block[start:middle]
+                    if header.startswith(b"g"):
+                        found = groups.setdefault(int(header[1:]), [])
+                        start = middle + 1
+                        continue
+                    end = block.index(b"\n", middle + 1)
                     resource = block[middle + 1 : end]
                     start = end + 1
                     if header.startswith(b"["):
                         source, full_url = orjson.loads(header)
-                        yield source, full_url, resource
+                        found.append((source, full_url, resource))
                     else:
-                        yield line_source(file, int(header)), None, resource
+                        found.append((line_source(file, int(header)), None, resource))
             except ValueError:  # no line end where one must be, a header that is not one
                 raise OSError(f"{path}: changed while the replay ran") from None
+        return [groups[g] for g in sorted(groups) if groups[g]]

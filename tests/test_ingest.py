@@ -69,6 +69,53 @@ def test_newer_version_wins_and_duplicates_collapse() -> None:
     assert len(index.of_type("Claim")) == 1 and index.by_key["Claim/c"].resource["status"] == "active"
 
 
+def test_an_index_over_the_shared_resources_reads_as_one_built_whole() -> None:
+    # A replay decides each group of patients in an index over the shared resources: it must
+    # answer as an index holding both would, and leave the shared index as it was.
+    def entry(rtype: str, rid: str, version: str | None = None, url: str | None = None) -> Entry:
+        meta = {"meta": {"versionId": version}} if version else {}
+        return Entry({"resourceType": rtype, "id": rid, **meta}, "x.ndjson:1", url)
+
+    shared = Index()
+    shared_entries = [
+        entry("Organization", "o1", url="https://ehr.example.org/fhir/Organization/o1"),
+        entry("Device", "d1", "1", "https://ehr.example.org/fhir/Device/d1"),
+        entry("Practitioner", "pr1"),
+    ]
+    own_entries = [
+        entry("Encounter", "e1"),
+        entry("Device", "d1", "2", "https://ehr.example.org/fhir/Device/d1"),  # newer than the shared one
+        entry("Organization", "o1"),  # not newer: the shared one stays
+        entry("Practitioner", "pr1", "1", "https://other.example.org/fhir/Practitioner/pr1"),
+    ]
+    for e in shared_entries:
+        shared.add(e)
+    before = (dict(shared.by_key), dict(shared.by_full_url), {t: list(v) for t, v in shared.by_type.items()})
+    over, whole = Index.over(shared), Index()
+    for e in shared_entries:
+        whole.add(e)
+    for e in own_entries:
+        over.add(e)
+        whole.add(e)
+    for index in (over, whole):
+        assert index.get("Device/d1") is own_entries[1] and index.get("Organization/o1") is shared_entries[0]
+        assert index.resolve_entry({"reference": "Encounter/e1"}) is own_entries[0]
+        assert index.resolve_entry({"reference": "https://ehr.example.org/fhir/Organization/o1"}) is shared_entries[0]
+        assert index.resolve_entry({"reference": "https://other.example.org/fhir/Practitioner/pr1"}) is own_entries[3]
+    for rtype in ("Organization", "Device", "Practitioner", "Encounter", "Claim"):
+        assert over.of_type(rtype) == whole.of_type(rtype), rtype
+    assert len(over) == len(whole) == 4
+    # The server's copy of a shared resource stands for it, its old fullUrl gone with it.
+    server = entry("Organization", "o1", url="https://ehr.example.org/fhir/Organization/o1-moved")
+    over.replace(server)
+    whole.replace(server)
+    for index in (over, whole):
+        assert index.get("Organization/o1") is server
+        assert index.by_url("https://ehr.example.org/fhir/Organization/o1") is None
+        assert index.of_type("Organization") == [server]
+    assert (dict(shared.by_key), dict(shared.by_full_url), {t: list(v) for t, v in shared.by_type.items()}) == before
+
+
 def test_nested_bundles_delete_and_response_only_entries() -> None:
     inner = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {"resourceType": "Encounter", "id": "in"}}]}
     outer = {

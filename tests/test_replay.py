@@ -34,8 +34,10 @@ def lines(outputs: dict[str, bytes]) -> dict[str, list[bytes]]:
 
 @pytest.fixture
 def small_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Partitions of ~20 KB: the fixtures spread over a few dozen of them."""
+    """Partitions of ~20 KB in groups of ~5 KB: the fixtures spread over a few dozen
+    partitions, each decided a few patients at a time."""
     monkeypatch.setattr(adapter.replay, "PARTITION_BYTES", 20_000)
+    monkeypatch.setattr(adapter.replay, "GROUP_BYTES", 5_000)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_a_full_disk_under_out_stops_the_run_with_one_line_and_keeps_the_outputs
     code, before = replay(out, str(FIXTURES), "--workers", workers)
     assert code == 0 and before["decisions"]
 
-    def full(directory: Path, piece: int, blocks: object) -> dict[int, tuple[int, int]]:
+    def full(directory: Path, piece: int, blocks: object, groups: int) -> dict[int, tuple[int, int]]:
         raise OSError(errno.ENOSPC, "No space left on device", str(piece_path(directory, piece)))
 
     monkeypatch.setattr(adapter.replay, "write_piece", full)

@@ -30,7 +30,7 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
     for piece in (0, 1, 2):
         spill.add(piece, extents[piece], "claims.ndjson")
     for partition in range(3):
-        assert list(spill.read(partition)) == [r for piece in (0, 1, 2) for r in written[piece][partition]]
+        assert spill.read(partition) == [[r for piece in (0, 1, 2) for r in written[piece][partition]]]
     assert sum(spill.sizes) == sum(p.stat().st_size for p in tmp_path.iterdir())
 
 
@@ -42,17 +42,39 @@ def test_a_line_of_the_pieces_file_is_written_with_its_number_alone(tmp_path: Pa
     line_record(block, 1_000_001, b'{"resourceType":"Claim","id":"c3"}')
     spill = Spill(tmp_path, 1)
     spill.add(0, write_piece(tmp_path, 0, {0: block}), "export/Claim.ndjson")
-    assert list(spill.read(0)) == [
-        ("export/Claim.ndjson:41", None, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r'),
-        ("export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}'),
-        ("export/Claim.ndjson:1000001", None, b'{"resourceType":"Claim","id":"c3"}'),
+    assert spill.read(0) == [
+        [
+            ("export/Claim.ndjson:41", None, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r'),
+            ("export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}'),
+            ("export/Claim.ndjson:1000001", None, b'{"resourceType":"Claim","id":"c3"}'),
+        ]
     ]
+
+
+def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path) -> None:
+    # Two partitions of four groups, routed in two pieces: records of groups 3, 0 and 1 of
+    # partition 1, one of group 2 of partition 0. A partition comes back group by group (the
+    # empty ones left out), each group's records in the order of the pieces, then of the lines.
+    pieces: list[dict[int, bytearray]] = [{}, {}]
+    for n, group in enumerate((3, 0, 3, 1, 0, 3)):
+        line_record(pieces[n // 3].setdefault(1 * 4 + group, bytearray()), n + 1, b'{"resourceType":"Procedure","id":"p%d"}' % n)
+    line_record(pieces[1].setdefault(0 * 4 + 2, bytearray()), 9, b'{"resourceType":"Procedure","id":"p9"}')
+    spill = Spill(tmp_path, 2, groups=4)
+    for piece in (0, 1):
+        spill.add(piece, write_piece(tmp_path, piece, pieces[piece], groups=4), f"Procedure-{piece}.ndjson")
+    ids = [[(source, resource[-4:-2]) for source, _, resource in group] for group in spill.read(1)]
+    assert ids == [
+        [("Procedure-0.ndjson:2", b"p1"), ("Procedure-1.ndjson:5", b"p4")],
+        [("Procedure-1.ndjson:4", b"p3")],
+        [("Procedure-0.ndjson:1", b"p0"), ("Procedure-0.ndjson:3", b"p2"), ("Procedure-1.ndjson:6", b"p5")],
+    ]
+    assert spill.read(0) == [[("Procedure-1.ndjson:9", None, b'{"resourceType":"Procedure","id":"p9"}')]]
 
 
 def test_an_empty_partition_reads_as_nothing_and_an_empty_piece_writes_no_file(tmp_path: Path) -> None:
     assert write_piece(tmp_path, 0, {}) == {}
     assert not list(tmp_path.iterdir())
-    assert list(Spill(tmp_path, 2).read(1)) == []
+    assert Spill(tmp_path, 2).read(1) == []
 
 
 def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) -> None:
@@ -62,7 +84,7 @@ def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) 
     spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
     piece_path(tmp_path, 0).write_bytes(bytes(block[:10]))
     with pytest.raises(OSError, match="cut short"):
-        list(spill.read(0))
+        spill.read(0)
 
 
 def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> None:
@@ -74,13 +96,17 @@ def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> No
     for changed in (bytes(block).replace(b"\n", b" "), bytes(block).replace(b"2\n", b"x\n", 1)):
         piece_path(tmp_path, 0).write_bytes(changed)  # the same length, other bytes
         with pytest.raises(OSError, match="changed while the replay ran"):
-            list(spill.read(0))
+            spill.read(0)
 
 
 def test_buckets_are_stable_across_processes_and_machines() -> None:
     # A keyed hash, never Python's per-process `hash`: shard 2 of 4 is the same patients on
     # every machine of a fan-out.
-    assert bucket("Patient/p1", 1, 1) == (0, 0)
+    assert bucket("Patient/p1", 1, 1) == (0, 0, 0)
     shards = {bucket(f"Patient/{n}", 4, 8)[0] for n in range(200)}
     assert shards == {0, 1, 2, 3}
-    assert bucket("Patient/p1", 4, 16) == (2, 6)  # pinned: it must never change between releases
+    groups = {bucket(f"Patient/{n}", 4, 8, 5)[2] for n in range(200)}
+    assert groups == {0, 1, 2, 3, 4}
+    # Pinned: they must never change between releases (a group only orders a partition's output).
+    assert bucket("Patient/p1", 4, 16) == (2, 6, 0)
+    assert bucket("Patient/p1", 4, 16, 8)[:2] == (2, 6)
