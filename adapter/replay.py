@@ -3,12 +3,13 @@ partitions one by one (or in parallel processes), writing results as each is dec
 
 Memory holds the resources many patients share (Organizations, Practitioners, Locations: a
 health system's few thousand) and one partition, whatever the size of the input; a partition is
-a few MB of input. The partitions and their order depend on the input only (never on the
-number of workers), so the output is the same bytes with one worker or many. `--shard I/N`
-keeps the patients of one hash shard: N machines each run one shard of the same input.
+a few MB of input, held as its bytes and parsed a group of its patients at a time. The
+partitions, their groups and their order depend on the input only (never on the number of
+workers), so the output is the same bytes with one worker or many. `--shard I/N` keeps the
+patients of one hash shard: N machines each run one shard of the same input.
 
-Each partition goes through the one decision step, `pipeline.evaluate`, with an index holding
-its own resources on top of the shared ones.
+Each group goes through the one decision step, `pipeline.evaluate`, with an index holding its
+own resources over the shared ones.
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
 """Resources spilled to disk in partitions, so a replay holds one partition in memory at a time.
 
-A routing pass sorts each resource to the partition of its patient; a partition is then read
-back whole and decided. A record is two lines: a header saying where the resource is, and the
-resource's JSON as it was read (an NDJSON line's own bytes, so no digit is re-written). The
-header is `[source, fullUrl]` in JSON (`record`), or for an NDJSON line of the piece's own file
-just its line number (`line_record`): nearly every record is one, and its source, `file:line`,
-is then never written, nor read back as JSON.
+A routing pass sorts each resource to the partition of its patient, and within it to a group
+of patients; a partition is then read back whole, its records by group, and decided a group at
+a time. A record is two lines: a header saying where the resource is, and the resource's JSON
+as it was read (an NDJSON line's own bytes, so no digit is re-written). The header is
+`[source, fullUrl]` in JSON (`record`), or for an NDJSON line of the piece's own file just its
+line number (`line_record`): nearly every record is one, and its source, `file:line`, is then
+never written, nor read back as JSON.
 
 Each routing task writes the records of its piece of input to a file of its own, partition
-after partition (`write_piece`), and says where each partition's block lies; a partition is the
-blocks of every piece, read in the order of the pieces (`Spill.read`). So the routing processes
-write what they route themselves, nothing goes through the process that started them, and a
-partition's records are in the order they were read whatever the number of processes.
+after partition and group after group (a line `g<group>` before each group's records, not the
+group in every record's header; `write_piece`), and says where each partition's block lies; a
+partition is the blocks of every piece, read in the order of the pieces (`Spill.read`). So the
+routing processes write what they route themselves, nothing goes through the process that
+started them, and a partition's records are in the order they were read whatever the number of
+processes.
 """
 
 from __future__ import annotations
