@@ -68,8 +68,8 @@ def piece_path(directory: Path, piece: int) -> Path:
 def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytearray], groups: int = 1) -> dict[int, tuple[int, int]]:
     """Write a routing task's records to the file of piece number `piece`: `blocks[n]` (made by
     `record`) holds those of group `n % groups` of partition `n // groups`. Returns where each
-    partition's records are: (offset, length), its groups one after the other, each but a
-    partition of one group preceded by a line `g<group>`."""
+    partition's records are: (offset, length), its groups one after the other, each preceded by
+    a line `g<group>` when partitions have more than one."""
     extents: dict[int, tuple[int, int]] = {}
     if not blocks:
         return extents
