@@ -130,7 +130,7 @@ def plan(
     # throughout (a small replay's review.csv is a worklist in date order).
     groups = 1 if partitions == 1 else -(-sum(sizes) // (GROUP_BYTES * shard.count * partitions))
     piece_bytes = MAX_PIECE_BYTES if workers <= 1 else min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
-    spill = Spill(directory, partitions, groups)
+    spill = Spill(directory, partitions)
     shared = Index()
     errors: list[InputError] = []
     encounters = 0

@@ -86,13 +86,12 @@ def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytear
 
 
 class Spill:
-    """`partitions` partitions of `groups` groups each, a partition the blocks the pieces
-    `add`ed hold for it, read by `read`."""
+    """`partitions` partitions, each the blocks the pieces `add`ed hold for it, read by `read`
+    group by group."""
 
-    def __init__(self, directory: Path, partitions: int, groups: int = 1) -> None:
+    def __init__(self, directory: Path, partitions: int) -> None:
         self.directory = directory
         self.partitions = partitions
-        self.groups = groups
         self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (piece, offset, length)
         self._files: dict[int, str] = {}  # piece -> the file its `line_record`s are lines of
         self.sizes = [0] * partitions

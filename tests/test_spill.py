@@ -59,7 +59,7 @@ def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path)
     for n, group in enumerate((3, 0, 3, 1, 0, 3)):
         line_record(pieces[n // 3].setdefault(1 * 4 + group, bytearray()), n + 1, b'{"resourceType":"Procedure","id":"p%d"}' % n)
     line_record(pieces[1].setdefault(0 * 4 + 2, bytearray()), 9, b'{"resourceType":"Procedure","id":"p9"}')
-    spill = Spill(tmp_path, 2, groups=4)
+    spill = Spill(tmp_path, 2)
     for piece in (0, 1):
         spill.add(piece, write_piece(tmp_path, piece, pieces[piece], groups=4), f"Procedure-{piece}.ndjson")
     ids = [[(source, resource[-4:-2]) for source, _, resource in group] for group in spill.read(1)]
