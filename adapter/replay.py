@@ -200,7 +200,7 @@ def route_piece(piece: Piece, partitions: int, groups: int, shard: Shard, max_fi
         for entry, raw in found:
             data = raw if raw is not None else jsonio.dumps(entry.resource)
             router.put(route(entry, local), entry.type == "Encounter", data, entry.source, entry.full_url, 0)
-    return Routed(write_piece(directory, piece.number, router.records, groups), router.shared, errors, router.encounters, piece.size)
+    return Routed(write_piece(directory, piece.number, router.records(), groups), router.shared, errors, router.encounters, piece.size)
 
 
 class _Router:
@@ -210,7 +210,9 @@ class _Router:
         self.partitions = partitions
         self.groups = groups
         self.shard = shard
-        self.records: dict[int, bytearray] = {}  # by partition * groups + group
+        # By partition * groups + group: a list, as a dict of ~8,000 blocks (100k encounters)
+        # cost a twentieth of the routing pass in its lookups.
+        self.blocks: list[list[bytes] | None] = [None] * (partitions * groups)
         self.shared: list[tuple[str, str | None, bytes]] = []
         self.encounters = 0
 
@@ -225,13 +227,17 @@ class _Router:
             return
         self.encounters += encounter
         n = partition * self.groups + group
-        block = self.records.get(n)
+        block = self.blocks[n]
         if block is None:
-            block = self.records[n] = bytearray()
+            block = self.blocks[n] = []
         if line:
             line_record(block, line, data)
         else:
             record(block, source, full_url, data)
+
+    def records(self) -> dict[int, list[bytes]]:
+        """The blocks that hold records, by partition * groups + group (for `write_piece`)."""
+        return {n: block for n, block in enumerate(self.blocks) if block}
 
 
 _NOTHING: Final[dict[str, str]] = {}

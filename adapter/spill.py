@@ -40,47 +40,46 @@ def bucket(route: str, shards: int, partitions: int, groups: int = 1) -> tuple[i
     return h % shards, rest % partitions, (rest // partitions) % groups
 
 
-def record(block: bytearray, source: str, full_url: str | None, resource: bytes) -> None:
+def record(block: list[bytes], source: str, full_url: str | None, resource: bytes) -> None:
     """Add one resource to `block` as a partition holds it (`resource` is its JSON, with or
-    without a line end). Appended piece by piece: a record is never built on its own, since the
-    routing pass makes one for every resource of the input."""
-    block += orjson.dumps([source, full_url])
-    block += b"\n"
+    without a line end). A block is a list of its lines, without their line ends (`write_piece`
+    joins them): appending to a list copies no bytes, where a growing bytearray kept copying
+    itself as it grew (a fifth of the routing pass, 100k encounters)."""
+    block.append(orjson.dumps([source, full_url]))
     if resource.endswith(b"\n"):
-        block += memoryview(resource)[: -2 if resource.endswith(b"\r\n") else -1]
-    else:
-        block += resource
-    block += b"\n"
+        resource = resource[: -2 if resource.endswith(b"\r\n") else -1]
+    block.append(resource)
 
 
-def line_record(block: bytearray, line: int, resource: bytes) -> None:
+def line_record(block: list[bytes], line: int, resource: bytes) -> None:
     """Add to `block` the resource of line `line` of the file of the piece the block is of
     (`resource`: the line's bytes, without its line end)."""
-    block += b"%d\n" % line
-    block += resource
-    block += b"\n"
+    block.append(b"%d" % line)
+    block.append(resource)
 
 
 def piece_path(directory: Path, piece: int) -> Path:
     return directory / f"piece-{piece:06d}.spill"
 
 
-def write_piece(directory: Path, piece: int, blocks: Mapping[int, bytes | bytearray], groups: int = 1) -> dict[int, tuple[int, int]]:
+def write_piece(directory: Path, piece: int, blocks: Mapping[int, list[bytes]], groups: int = 1) -> dict[int, tuple[int, int]]:
     """Write a routing task's records to the file of piece number `piece`: `blocks[n]` (made by
     `record`) holds those of group `n % groups` of partition `n // groups`. Returns where each
     partition's records are: (offset, length), its groups one after the other, each preceded by
     a line `g<group>` when partitions have more than one."""
     extents: dict[int, tuple[int, int]] = {}
-    if not blocks:
+    held = sorted(n for n, block in blocks.items() if block)
+    if not held:
         return extents
     offset = 0
     with open(piece_path(directory, piece), "wb") as fh:
-        for n in sorted(blocks):
+        for n in held:
             partition, group = divmod(n, groups)
             start = extents[partition][0] if partition in extents else offset
             if groups > 1:
                 offset += fh.write(b"g%d\n" % group)
-            offset += fh.write(blocks[n])
+            offset += fh.write(b"\n".join(blocks[n]))
+            offset += fh.write(b"\n")
             extents[partition] = (start, offset - start)
     return extents
 

@@ -15,7 +15,7 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
     written: dict[int, dict[int, list[tuple[str, str | None, bytes]]]] = {}  # piece -> partition -> records
     extents = {}
     for piece in (2, 0, 1):
-        blocks: dict[int, bytearray] = {}
+        blocks: dict[int, list[bytes]] = {}
         written[piece] = {0: [], 1: [], 2: []}
         for n in range(piece * 20, piece * 20 + 20):
             if piece == 1 and n % 3 == 2:
@@ -23,7 +23,7 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
             resource = b'{"resourceType":"Claim","id":"c%d","total":{"value":125.00}}' % n
             full_url = f"https://ehr.example.org/fhir/Claim/c{n}" if n % 2 else None
             end = (b"\r\n", b"\n", b"")[n % 3]
-            record(blocks.setdefault(n % 3, bytearray()), f"claims.ndjson:{n}", full_url, resource + end)
+            record(blocks.setdefault(n % 3, []), f"claims.ndjson:{n}", full_url, resource + end)
             written[piece][n % 3].append((f"claims.ndjson:{n}", full_url, resource))
         extents[piece] = write_piece(tmp_path, piece, blocks)
     spill = Spill(tmp_path, 3)
@@ -36,7 +36,7 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
 
 def test_a_line_of_the_pieces_file_is_written_with_its_number_alone(tmp_path: Path) -> None:
     # An NDJSON line's record names its line; its source is the piece's file and that line.
-    block = bytearray()
+    block: list[bytes] = []
     line_record(block, 41, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r')
     record(block, "export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}')
     line_record(block, 1_000_001, b'{"resourceType":"Claim","id":"c3"}')
@@ -55,10 +55,10 @@ def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path)
     # Two partitions of four groups, routed in two pieces: records of groups 3, 0 and 1 of
     # partition 1, one of group 2 of partition 0. A partition comes back group by group (the
     # empty ones left out), each group's records in the order of the pieces, then of the lines.
-    pieces: list[dict[int, bytearray]] = [{}, {}]
+    pieces: list[dict[int, list[bytes]]] = [{}, {}]
     for n, group in enumerate((3, 0, 3, 1, 0, 3)):
-        line_record(pieces[n // 3].setdefault(1 * 4 + group, bytearray()), n + 1, b'{"resourceType":"Procedure","id":"p%d"}' % n)
-    line_record(pieces[1].setdefault(0 * 4 + 2, bytearray()), 9, b'{"resourceType":"Procedure","id":"p9"}')
+        line_record(pieces[n // 3].setdefault(1 * 4 + group, []), n + 1, b'{"resourceType":"Procedure","id":"p%d"}' % n)
+    line_record(pieces[1].setdefault(0 * 4 + 2, []), 9, b'{"resourceType":"Procedure","id":"p9"}')
     spill = Spill(tmp_path, 2)
     for piece in (0, 1):
         spill.add(piece, write_piece(tmp_path, piece, pieces[piece], groups=4), f"Procedure-{piece}.ndjson")
@@ -73,27 +73,30 @@ def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path)
 
 def test_an_empty_partition_reads_as_nothing_and_an_empty_piece_writes_no_file(tmp_path: Path) -> None:
     assert write_piece(tmp_path, 0, {}) == {}
+    assert write_piece(tmp_path, 0, {3: []}) == {}  # a block with no record is not written
     assert not list(tmp_path.iterdir())
     assert Spill(tmp_path, 2).read(1) == []
 
 
 def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) -> None:
-    block = bytearray()
+    block: list[bytes] = []
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
     spill = Spill(tmp_path, 1)
     spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
-    piece_path(tmp_path, 0).write_bytes(bytes(block[:10]))
+    written = piece_path(tmp_path, 0).read_bytes()
+    piece_path(tmp_path, 0).write_bytes(written[:10])
     with pytest.raises(OSError, match="cut short"):
         spill.read(0)
 
 
 def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> None:
-    block = bytearray()
+    block: list[bytes] = []
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
     line_record(block, 2, b'{"resourceType":"Claim","id":"c2"}')
     spill = Spill(tmp_path, 1)
     spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
-    for changed in (bytes(block).replace(b"\n", b" "), bytes(block).replace(b"2\n", b"x\n", 1)):
+    written = piece_path(tmp_path, 0).read_bytes()
+    for changed in (written.replace(b"\n", b" "), written.replace(b"2\n", b"x\n", 1)):
         piece_path(tmp_path, 0).write_bytes(changed)  # the same length, other bytes
         with pytest.raises(OSError, match="changed while the replay ran"):
             spill.read(0)
