@@ -44,7 +44,7 @@ from .pipeline import RunResult, Validation, evaluate
 from .review import review_csv
 from .ruleset import RuleSet
 from .sinks import error_record
-from .spill import Spill, bucket, line_record, record, write_piece
+from .spill import Spill, bucket, line_record, piece_path, record, write_piece
 
 __all__ = ["Part", "Piece", "Plan", "Routed", "Shard", "decide", "part_of", "plan", "route_piece", "run", "workers_default"]
 
@@ -56,13 +56,15 @@ MAX_PARTITIONS = 4096
 GROUP_BYTES = 64 << 10
 # What one routing task reads, at least: large enough that a task's overhead is nothing, small
 # enough that a small export's files keep every worker busy. A big export is cut into at most
-# about MAX_PIECES pieces, each writing a file that every partition is then read from, of at
-# most MAX_PIECE_BYTES: a task holds its piece's records in memory. One worker has no other to
-# keep busy: it reads pieces of MAX_PIECE_BYTES, so a file up to that size is read whole, with
-# no first pass over it to cut it at line ends.
+# about MAX_PIECES pieces of at most MAX_PIECE_BYTES. One worker has no other to keep busy: it
+# routes each file whole, with no first pass over it to cut it at line ends (a tenth of the
+# routing pass at 100k encounters).
 PIECE_BYTES = 1 << 20
 MAX_PIECES = 256
 MAX_PIECE_BYTES = 32 << 20
+# What a routing task holds before it writes it to a file (a new file each time), and every
+# partition is then read from.
+SPILL_FILE_BYTES = 32 << 20
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -116,7 +118,7 @@ def plan(
     `directory` and keeping the shared ones in memory.
 
     The inputs are cut into pieces (a JSON file, or a span of an NDJSON file's lines), routed by
-    `workers` processes, each writing the records of a piece to the piece's own file, and taken
+    `workers` processes, each writing the records of a piece to the piece's own files, and taken
     back in input order: every partition gets its resources in the order they were read,
     whatever the number of workers.
 
@@ -129,20 +131,29 @@ def plan(
     # An input of one partition is decided whole: its outputs follow the dates of service
     # throughout (a small replay's review.csv is a worklist in date order).
     groups = 1 if partitions == 1 else -(-sum(sizes) // (GROUP_BYTES * shard.count * partitions))
-    piece_bytes = MAX_PIECE_BYTES if workers <= 1 else min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
-    spill = Spill(directory, partitions)
+    piece_bytes = min(max(PIECE_BYTES, sum(sizes) // MAX_PIECES), MAX_PIECE_BYTES)
+    spill = Spill(partitions)
     shared = Index()
     errors: list[InputError] = []
     encounters = 0
     pieces: list[Piece] = []
     for path, size in zip(files, sizes):
-        for span in _spans(path, size, piece_bytes):
+        for span in _spans(path, size, piece_bytes) if workers > 1 else [None]:
             pieces.append(Piece(path, span, len(pieces)))
+    # One worker routes in this process, and tells of the bytes as it reads them: a piece is then
+    # a whole file, which may take a minute.
     route = functools.partial(
-        route_piece, partitions=partitions, groups=groups, shard=shard, max_file_bytes=max_file_bytes, directory=directory
+        route_piece,
+        partitions=partitions,
+        groups=groups,
+        shard=shard,
+        max_file_bytes=max_file_bytes,
+        directory=directory,
+        on_bytes=on_bytes if workers <= 1 else None,
     )
     for number, routed in enumerate(_in_order(route, pieces, workers)):
-        spill.add(number, routed.extents, str(pieces[number].path))
+        for part, extents in enumerate(routed.written):
+            spill.add(piece_path(directory, number, part), extents, str(pieces[number].path))
         for source, full_url, raw in routed.shared:
             unread: list[InputError] = []
             if (resource := _parse(raw, source, unread)) is not None:
@@ -151,7 +162,7 @@ def plan(
             errors.extend(e for e in unread if _reports(e, shard))
         errors.extend(routed.errors)
         encounters += routed.encounters
-        if on_bytes is not None:
+        if on_bytes is not None and workers > 1:
             on_bytes(routed.size)
     return Plan(shared, spill, errors, len(files), encounters)
 
@@ -171,22 +182,31 @@ class Piece(NamedTuple):
 
 @dataclass
 class Routed:
-    """One piece routed: where its records for each partition are (written, in the order read,
-    by `spill.write_piece`), the shared resources it holds, its input errors for this shard."""
+    """One piece routed: where its records for each partition are in each file it wrote
+    (`spill.piece_path(directory, piece, n)`, in the order read, by `spill.write_piece`), the
+    shared resources it holds, its input errors for this shard."""
 
-    extents: dict[int, tuple[int, int]]
+    written: list[dict[int, tuple[int, int]]]
     shared: list[tuple[str, str | None, bytes]]  # (source, fullUrl, JSON)
     errors: list[InputError]
     encounters: int
     size: int
 
 
-def route_piece(piece: Piece, partitions: int, groups: int, shard: Shard, max_file_bytes: int, directory: Path) -> Routed:
+def route_piece(
+    piece: Piece,
+    partitions: int,
+    groups: int,
+    shard: Shard,
+    max_file_bytes: int,
+    directory: Path,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Routed:
     """Route the resources of one piece of input to their partitions, written to the piece's
-    file in `directory` (see `plan`)."""
-    router = _Router(partitions, groups, shard)
+    files in `directory` (see `plan`); `on_bytes(n)` is told of the bytes as they are read."""
+    router = _Router(partitions, groups, shard, directory, piece.number)
     errors: list[InputError] = []
-    for value in read_file(piece.path, max_file_bytes, parse=routing_view, span=piece.span):
+    for value in read_file(piece.path, max_file_bytes, on_bytes, parse=routing_view, span=piece.span):
         if isinstance(value, Value) and value.line and value.raw is not None and type(value.value) is dict:
             key = line_route(value.value)
             if not isinstance(key, Unrouted):
@@ -200,19 +220,24 @@ def route_piece(piece: Piece, partitions: int, groups: int, shard: Shard, max_fi
         for entry, raw in found:
             data = raw if raw is not None else jsonio.dumps(entry.resource)
             router.put(route(entry, local), entry.type == "Encounter", data, entry.source, entry.full_url, 0)
-    return Routed(write_piece(directory, piece.number, router.records(), groups), router.shared, errors, router.encounters, piece.size)
+    router.flush()
+    return Routed(router.written, router.shared, errors, router.encounters, piece.size)
 
 
 class _Router:
     """What one routing task has routed so far: its records by partition, the shared resources."""
 
-    def __init__(self, partitions: int, groups: int, shard: Shard) -> None:
+    def __init__(self, partitions: int, groups: int, shard: Shard, directory: Path, piece: int) -> None:
         self.partitions = partitions
         self.groups = groups
         self.shard = shard
+        self.directory = directory
+        self.piece = piece
         # By partition * groups + group: a list, as a dict of ~8,000 blocks (100k encounters)
         # cost a twentieth of the routing pass in its lookups.
         self.blocks: list[list[bytes] | None] = [None] * (partitions * groups)
+        self.held = 0  # bytes of records in `blocks`
+        self.written: list[dict[int, tuple[int, int]]] = []  # each file's extents
         self.shared: list[tuple[str, str | None, bytes]] = []
         self.encounters = 0
 
@@ -234,10 +259,17 @@ class _Router:
             line_record(block, line, data)
         else:
             record(block, source, full_url, data)
+        self.held += len(data)
+        if self.held >= SPILL_FILE_BYTES:
+            self.flush()
 
-    def records(self) -> dict[int, list[bytes]]:
-        """The blocks that hold records, by partition * groups + group (for `write_piece`)."""
-        return {n: block for n, block in enumerate(self.blocks) if block}
+    def flush(self) -> None:
+        """Write the records held to the next file of the piece."""
+        if self.held:
+            blocks = {n: block for n, block in enumerate(self.blocks) if block}
+            self.written.append(write_piece(piece_path(self.directory, self.piece, len(self.written)), blocks, self.groups))
+            self.blocks = [None] * len(self.blocks)
+            self.held = 0
 
 
 _NOTHING: Final[dict[str, str]] = {}

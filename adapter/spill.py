@@ -8,10 +8,11 @@ as it was read (an NDJSON line's own bytes, so no digit is re-written). The head
 line number (`line_record`): nearly every record is one, and its source, `file:line`, is then
 never written, nor read back as JSON.
 
-Each routing task writes the records of its piece of input to a file of its own, partition
-after partition and group after group (a line `g<group>` before each group's records, not the
-group in every record's header; `write_piece`), and says where each partition's block lies; a
-partition is the blocks of every piece, read in the order of the pieces (`Spill.read`). So the
+Each routing task writes the records of its piece of input to files of its own (a new one
+each time what it holds reaches a bound), partition after partition and group after group (a
+line `g<group>` before each group's records, not the group in every record's header;
+`write_piece`), and says where each partition's block lies; a partition is the blocks of every
+file, read in the order they were written (`Spill.read`). So the
 routing processes write what they route themselves, nothing goes through the process that
 started them, and a partition's records are in the order they were read whatever the number of
 processes.
@@ -58,13 +59,14 @@ def line_record(block: list[bytes], line: int, resource: bytes) -> None:
     block.append(resource)
 
 
-def piece_path(directory: Path, piece: int) -> Path:
-    return directory / f"piece-{piece:06d}.spill"
+def piece_path(directory: Path, piece: int, part: int = 0) -> Path:
+    """The `part`th file the routing task of piece number `piece` writes."""
+    return directory / f"piece-{piece:06d}-{part:04d}.spill"
 
 
-def write_piece(directory: Path, piece: int, blocks: Mapping[int, list[bytes]], groups: int = 1) -> dict[int, tuple[int, int]]:
-    """Write a routing task's records to the file of piece number `piece`: `blocks[n]` (made by
-    `record`) holds those of group `n % groups` of partition `n // groups`. Returns where each
+def write_piece(path: Path, blocks: Mapping[int, list[bytes]], groups: int = 1) -> dict[int, tuple[int, int]]:
+    """Write records of a routing task to the file `path`: `blocks[n]` (made by `record`)
+    holds those of group `n % groups` of partition `n // groups`. Returns where each
     partition's records are: (offset, length), its groups one after the other, each preceded by
     a line `g<group>` when partitions have more than one."""
     extents: dict[int, tuple[int, int]] = {}
@@ -72,7 +74,7 @@ def write_piece(directory: Path, piece: int, blocks: Mapping[int, list[bytes]], 
     if not held:
         return extents
     offset = 0
-    with open(piece_path(directory, piece), "wb") as fh:
+    with open(path, "wb") as fh:
         for n in held:
             partition, group = divmod(n, groups)
             start = extents[partition][0] if partition in extents else offset
@@ -88,19 +90,20 @@ class Spill:
     """`partitions` partitions, each the blocks the pieces `add`ed hold for it, read by `read`
     group by group."""
 
-    def __init__(self, directory: Path, partitions: int) -> None:
-        self.directory = directory
+    def __init__(self, partitions: int) -> None:
         self.partitions = partitions
-        self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (piece, offset, length)
-        self._files: dict[int, str] = {}  # piece -> the file its `line_record`s are lines of
+        self._blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(partitions)]  # (written, offset, length)
+        # Each file written, with the input file its `line_record`s are lines of.
+        self._written: list[tuple[Path, str]] = []
         self.sizes = [0] * partitions
 
-    def add(self, piece: int, extents: Mapping[int, tuple[int, int]], file: str) -> None:
-        """Take piece `piece`'s blocks (`write_piece`'s result), read from `file`. Pieces are
-        added in input order: a partition's records are read back in the order of its blocks."""
-        self._files[piece] = file
+    def add(self, path: Path, extents: Mapping[int, tuple[int, int]], file: str) -> None:
+        """Take the blocks `write_piece` wrote to `path` (its result), read from `file`. Files
+        are added in input order: a partition's records are read back in the order of its blocks."""
+        written = len(self._written)
+        self._written.append((path, file))
         for partition, (offset, length) in extents.items():
-            self._blocks[partition].append((piece, offset, length))
+            self._blocks[partition].append((written, offset, length))
             self.sizes[partition] += length
 
     def read(self, partition: int) -> list[list[tuple[str, str | None, bytes]]]:
@@ -108,8 +111,8 @@ class Spill:
         group 0 in the order they were read, then group 1's... (only the groups that have any).
         The partition's bytes are read block by block, a block holding whole records."""
         groups: dict[int, list[tuple[str, str | None, bytes]]] = {}
-        for piece, offset, length in self._blocks[partition]:
-            path = piece_path(self.directory, piece)
+        for written, offset, length in self._blocks[partition]:
+            path, file = self._written[written]
             fd = os.open(path, os.O_RDONLY)
             try:
                 block = os.pread(fd, length, offset)
@@ -117,7 +120,6 @@ class Spill:
                 os.close(fd)
             if len(block) != length:
                 raise OSError(f"{path}: cut short while the replay ran")
-            file = self._files[piece]
             found = groups.setdefault(0, [])
             # Line ends found by `index` (memchr), not `split`, which compares every byte itself.
             start = 0

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 import adapter.replay
+import adapter.spill
 from adapter import jsonio
 from adapter.cli import main
 from adapter.fhir_models import validate
-from adapter.spill import piece_path
 
 from .conftest import FIXTURES, INVALID_FIXTURES
 
@@ -101,11 +101,21 @@ def test_ndjson_cut_into_pieces_routes_as_read_whole(tmp_path: Path, small_parti
     _, whole = replay(tmp_path / "whole", str(export), "--workers", "1")
     assert orjson.loads(whole["errors"])["source"] == f"{export / 'Claim.ndjson'}:6"
     monkeypatch.setattr(adapter.replay, "PIECE_BYTES", 2_000)
-    monkeypatch.setattr(adapter.replay, "MAX_PIECE_BYTES", 2_000)  # what one worker reads
+    monkeypatch.setattr(adapter.replay, "MAX_PIECE_BYTES", 2_000)
+    # One worker routes each file whole: what it holds goes to a new spill file every 2 KB.
+    monkeypatch.setattr(adapter.replay, "SPILL_FILE_BYTES", 2_000)
     assert (export / "Claim.ndjson").stat().st_size > 5 * 2_000, "the Claims are cut into pieces"
+    written: list[Path] = []
+
+    def write_piece(path: Path, blocks: dict[int, list[bytes]], groups: int) -> dict[int, tuple[int, int]]:
+        written.append(path)
+        return adapter.spill.write_piece(path, blocks, groups)
+
+    monkeypatch.setattr(adapter.replay, "write_piece", write_piece)
     for workers in ("1", "2"):
         _, pieces = replay(tmp_path / f"pieces-{workers}", str(export), "--workers", workers)
         assert pieces == whole, f"byte for byte with --workers {workers}"
+    assert any(path.name.endswith("-0003.spill") for path in written), "one worker's Claims went to several files"
 
 
 def test_decimals_keep_their_text_through_the_partitions(tmp_path: Path, small_partitions) -> None:
@@ -174,8 +184,8 @@ def test_a_full_disk_under_out_stops_the_run_with_one_line_and_keeps_the_outputs
     code, before = replay(out, str(FIXTURES), "--workers", workers)
     assert code == 0 and before["decisions"]
 
-    def full(directory: Path, piece: int, blocks: object, groups: int) -> dict[int, tuple[int, int]]:
-        raise OSError(errno.ENOSPC, "No space left on device", str(piece_path(directory, piece)))
+    def full(path: Path, blocks: object, groups: int) -> dict[int, tuple[int, int]]:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(adapter.replay, "write_piece", full)
     err = io.StringIO()

@@ -25,10 +25,10 @@ def test_records_come_back_as_written_in_the_order_of_the_pieces(tmp_path: Path)
             end = (b"\r\n", b"\n", b"")[n % 3]
             record(blocks.setdefault(n % 3, []), f"claims.ndjson:{n}", full_url, resource + end)
             written[piece][n % 3].append((f"claims.ndjson:{n}", full_url, resource))
-        extents[piece] = write_piece(tmp_path, piece, blocks)
-    spill = Spill(tmp_path, 3)
+        extents[piece] = write_piece(piece_path(tmp_path, piece), blocks)
+    spill = Spill(3)
     for piece in (0, 1, 2):
-        spill.add(piece, extents[piece], "claims.ndjson")
+        spill.add(piece_path(tmp_path, piece), extents[piece], "claims.ndjson")
     for partition in range(3):
         assert spill.read(partition) == [[r for piece in (0, 1, 2) for r in written[piece][partition]]]
     assert sum(spill.sizes) == sum(p.stat().st_size for p in tmp_path.iterdir())
@@ -40,8 +40,8 @@ def test_a_line_of_the_pieces_file_is_written_with_its_number_alone(tmp_path: Pa
     line_record(block, 41, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r')
     record(block, "export/Claim.ndjson:42", "https://ehr.example.org/fhir/Claim/c2", b'{"resourceType":"Claim","id":"c2"}')
     line_record(block, 1_000_001, b'{"resourceType":"Claim","id":"c3"}')
-    spill = Spill(tmp_path, 1)
-    spill.add(0, write_piece(tmp_path, 0, {0: block}), "export/Claim.ndjson")
+    spill = Spill(1)
+    spill.add(piece_path(tmp_path, 0), write_piece(piece_path(tmp_path, 0), {0: block}), "export/Claim.ndjson")
     assert spill.read(0) == [
         [
             ("export/Claim.ndjson:41", None, b'{"resourceType":"Claim","id":"c1","total":{"value":125.00}}\r'),
@@ -59,9 +59,9 @@ def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path)
     for n, group in enumerate((3, 0, 3, 1, 0, 3)):
         line_record(pieces[n // 3].setdefault(1 * 4 + group, []), n + 1, b'{"resourceType":"Procedure","id":"p%d"}' % n)
     line_record(pieces[1].setdefault(0 * 4 + 2, []), 9, b'{"resourceType":"Procedure","id":"p9"}')
-    spill = Spill(tmp_path, 2)
+    spill = Spill(2)
     for piece in (0, 1):
-        spill.add(piece, write_piece(tmp_path, piece, pieces[piece], groups=4), f"Procedure-{piece}.ndjson")
+        spill.add(piece_path(tmp_path, piece), write_piece(piece_path(tmp_path, piece), pieces[piece], groups=4), f"Procedure-{piece}.ndjson")
     ids = [[(source, resource[-4:-2]) for source, _, resource in group] for group in spill.read(1)]
     assert ids == [
         [("Procedure-0.ndjson:2", b"p1"), ("Procedure-1.ndjson:5", b"p4")],
@@ -72,17 +72,17 @@ def test_a_partition_reads_group_by_group_each_in_the_order_read(tmp_path: Path)
 
 
 def test_an_empty_partition_reads_as_nothing_and_an_empty_piece_writes_no_file(tmp_path: Path) -> None:
-    assert write_piece(tmp_path, 0, {}) == {}
-    assert write_piece(tmp_path, 0, {3: []}) == {}  # a block with no record is not written
+    assert write_piece(piece_path(tmp_path, 0), {}) == {}
+    assert write_piece(piece_path(tmp_path, 0), {3: []}) == {}  # a block with no record is not written
     assert not list(tmp_path.iterdir())
-    assert Spill(tmp_path, 2).read(1) == []
+    assert Spill(2).read(1) == []
 
 
 def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) -> None:
     block: list[bytes] = []
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
-    spill = Spill(tmp_path, 1)
-    spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
+    spill = Spill(1)
+    spill.add(piece_path(tmp_path, 0), write_piece(piece_path(tmp_path, 0), {0: block}), "claims.ndjson")
     written = piece_path(tmp_path, 0).read_bytes()
     piece_path(tmp_path, 0).write_bytes(written[:10])
     with pytest.raises(OSError, match="cut short"):
@@ -93,8 +93,8 @@ def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> No
     block: list[bytes] = []
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
     line_record(block, 2, b'{"resourceType":"Claim","id":"c2"}')
-    spill = Spill(tmp_path, 1)
-    spill.add(0, write_piece(tmp_path, 0, {0: block}), "claims.ndjson")
+    spill = Spill(1)
+    spill.add(piece_path(tmp_path, 0), write_piece(piece_path(tmp_path, 0), {0: block}), "claims.ndjson")
     written = piece_path(tmp_path, 0).read_bytes()
     for changed in (written.replace(b"\n", b" "), written.replace(b"2\n", b"x\n", 1)):
         piece_path(tmp_path, 0).write_bytes(changed)  # the same length, other bytes
