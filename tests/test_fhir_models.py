@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
 
 from adapter import jsonio
 from adapter.errors import InvalidResource
-from adapter.fhir_models import RESOURCE_TYPES, is_resource_type, validate, validate_changes
+from adapter.fhir_models import RESOURCE_TYPES, _string, is_resource_type, validate, validate_changes
 from adapter.vocabulary import DECISION_EXTENSION, LINE_EXTENSION
 
 from .conftest import FIXTURES
@@ -63,6 +64,12 @@ def test_valid_additions_pass_and_agree_with_the_whole_model() -> None:
         changed = with_line(line(f"2025-03-0{n + 4}", 9 + n, f"Encounter/day-{n}"))
         validate_changes(claim(), changed)
         validate(changed)
+
+
+@pytest.mark.parametrize("text", ["Encounter/php01-enc", "a b", "", " ", "a\tb\r\n", "a\x0bb", "x\x1c", "\x7f", "café", "a\u00a0b", "\x85"])
+def test_a_string_sample_is_what_the_r4_string_pattern_says(text: str) -> None:
+    # Printable ASCII is taken without the pattern; whatever else is looked at by it.
+    assert (_string(text) is not None) == bool(re.fullmatch(r"[ \r\n\t\S]+", text))
 
 
 @pytest.mark.parametrize(
