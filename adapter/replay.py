@@ -234,9 +234,9 @@ class _Router:
         self.shard = shard
         self.directory = directory
         self.piece = piece
-        # By partition * groups + group: a list, as a dict of ~8,000 blocks (100k encounters)
-        # cost a twentieth of the routing pass in its lookups.
-        self.blocks: list[list[bytes] | None] = [None] * (partitions * groups)
+        # By partition * groups + group. A dict, not a list of every block: a piece may be one
+        # small Bundle file of a million (one patient each, as Synthea writes them).
+        self.blocks: dict[int, list[bytes]] = {}
         self.held = 0  # bytes of records in `blocks`
         self.written: list[dict[int, tuple[int, int]]] = []  # each file's extents
         self.shared: list[tuple[str, str | None, bytes]] = []
@@ -253,7 +253,7 @@ class _Router:
             return
         self.encounters += encounter
         n = partition * self.groups + group
-        block = self.blocks[n]
+        block = self.blocks.get(n)
         if block is None:
             block = self.blocks[n] = []
         if line:
@@ -267,9 +267,8 @@ class _Router:
     def flush(self) -> None:
         """Write the records held to the next file of the piece."""
         if self.held:
-            blocks = {n: block for n, block in enumerate(self.blocks) if block}
-            self.written.append(write_piece(piece_path(self.directory, self.piece, len(self.written)), blocks, self.groups))
-            self.blocks = [None] * len(self.blocks)
+            self.written.append(write_piece(piece_path(self.directory, self.piece, len(self.written)), self.blocks, self.groups))
+            self.blocks = {}
             self.held = 0
 
 

@@ -12,10 +12,9 @@ Each routing task writes the records of its piece of input to files of its own (
 each time what it holds reaches a bound), partition after partition and group after group (a
 line `g<group>` before each group's records, not the group in every record's header;
 `write_piece`), and says where each partition's block lies; a partition is the blocks of every
-file, read in the order they were written (`Spill.read`). So the
-routing processes write what they route themselves, nothing goes through the process that
-started them, and a partition's records are in the order they were read whatever the number of
-processes.
+file, read in the order they were written (`Spill.read`). So the routing processes write what
+they route themselves, nothing goes through the process that started them, and a partition's
+records are in the order they were read whatever the number of processes.
 """
 
 from __future__ import annotations
