@@ -153,8 +153,8 @@ def plan(
         on_bytes=on_bytes if workers <= 1 else None,
     )
     for number, routed in enumerate(_in_order(route, pieces, workers)):
-        for part, extents in enumerate(routed.written):
-            spill.add(piece_path(directory, number, part), extents, str(pieces[number].path))
+        for path, extents in routed.written:
+            spill.add(path, extents, str(pieces[number].path))
         for source, full_url, raw in routed.shared:
             unread: list[InputError] = []
             if (resource := _parse(raw, source, unread)) is not None:
@@ -183,11 +183,11 @@ class Piece(NamedTuple):
 
 @dataclass
 class Routed:
-    """One piece routed: where its records for each partition are in each file it wrote
-    (`spill.piece_path(directory, piece, n)`, in the order read, by `spill.write_piece`), the
-    shared resources it holds, its input errors for this shard."""
+    """One piece routed: each file it wrote, in the order read, with where its records for each
+    partition are in it (`spill.write_piece`'s extents), the shared resources it holds, its
+    input errors for this shard."""
 
-    written: list[dict[int, tuple[int, int]]]
+    written: list[tuple[Path, dict[int, tuple[int, int]]]]
     shared: list[tuple[str, str | None, bytes]]  # (source, fullUrl, JSON)
     errors: list[InputError]
     encounters: int
@@ -238,7 +238,7 @@ class _Router:
         # small Bundle file of a million (one patient each, as Synthea writes them).
         self.blocks: dict[int, list[bytes]] = {}
         self.held = 0  # bytes of records in `blocks`
-        self.written: list[dict[int, tuple[int, int]]] = []  # each file's extents
+        self.written: list[tuple[Path, dict[int, tuple[int, int]]]] = []  # each file, its extents
         self.shared: list[tuple[str, str | None, bytes]] = []
         self.encounters = 0
 
@@ -267,7 +267,8 @@ class _Router:
     def flush(self) -> None:
         """Write the records held to the next file of the piece."""
         if self.held:
-            self.written.append(write_piece(piece_path(self.directory, self.piece, len(self.written)), self.blocks, self.groups))
+            path = piece_path(self.directory, self.piece, len(self.written))
+            self.written.append((path, write_piece(path, self.blocks, self.groups)))
             self.blocks = {}
             self.held = 0
 
