@@ -210,6 +210,29 @@ def versions(python: str, names: Sequence[str]) -> str:
     return subprocess.run([python, "-c", _VERSIONS, *names], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
 
 
+# Prints the interpreter's version, its executable, and where its libpython is: linked into the
+# executable, or loaded as a shared library.
+_INTERPRETER = """
+import os, sys
+try:
+    with open("/proc/self/maps") as fh:
+        shared = sorted({line.split()[-1] for line in fh if "libpython" in line})
+    where = f"{os.path.basename(shared[0])}, a shared library" if shared else "libpython linked in"
+except OSError:
+    where = "libpython: not known here"
+print(f"{sys.version.split()[0]} {os.path.realpath(sys.executable)} ({where})")
+"""
+
+
+def interpreter(python: str) -> str:
+    """Which CPython `python` is, and how its libpython is linked. The replay spends its time in
+    the interpreter's dicts and allocator, the naive path in pydantic-core's compiled validators:
+    how the interpreter was built (profile-guided or not, libpython shared or linked in) moves
+    the replay more than the naive path, so a ratio compares with another run's only on the
+    same interpreter."""
+    return subprocess.run([python, "-c", _INTERPRETER], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
+
+
 def processor() -> str:
     """The processor: the ratios depend on it (the naive path's compiled validators and the
     replay's interpreter do not gain alike from one processor to another). Its model name, and
@@ -399,6 +422,7 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {len(os.sched_getaffinity(0))} cpu(s) available; CPU seconds unless said")
     print(f"processor: {processor()}")
     print(f"adapter: {build_of(args.python)}")
+    print(f"interpreters: the naive path's {interpreter(sys.executable)}; the replay's {interpreter(args.python)}")
     print(f"libraries: the naive path {versions(sys.executable, NAIVE_LIBRARIES)}; the replay {versions(args.python, REPLAY_LIBRARIES)}")
     for n in args.ratio_size:
         if n:
