@@ -415,6 +415,13 @@ def _offset_text(zone: tzinfo) -> str:
     return f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
+@lru_cache(maxsize=64)  # a site's encounters share one or two offsets, case after case, group after group
+def _offset_zone(offset: timedelta) -> tuple[tzinfo, str]:
+    """The zone of a UTC offset an Encounter.period gives, and how a decision names it."""
+    zone = timezone(offset)
+    return zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
+
+
 def _minutes(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -451,10 +458,8 @@ class _Builder:
         # the same references, Practitioners, payers and documentation come back case after case.
         self._keys: dict[str, str] = {}
         self._performers: dict[tuple[str, str | None], Performer] = {}
-        self._policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = {}
         self._evidence_codes: dict[Entry, frozenset[Code]] = {}
         self._organizations: dict[int, tuple[Resource, tuple[list[str], list[str], list[str]]]] = {}
-        self._offset_zones: dict[timedelta, tuple[tzinfo, str]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
         self._possible_zones = tuple(ZoneInfo(z) for z in rules.possible_time_zones)
@@ -649,8 +654,22 @@ class _Builder:
 
     def _read_performer(self, ref: Any, context: Entry) -> Performer:
         hit = self.index.resolve_entry(ref, context)
-        resource = hit.resource if isinstance(hit, Entry) else hit
-        label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
+        if isinstance(hit, Entry) and hit.type != "PractitionerRole":
+            # What a Practitioner (or any performer but a role, which names another resource) is
+            # depends on it and the tables alone: kept on its entry, it is read once a replay,
+            # not once in each group of patients its sessions are decided in.
+            known = hit.derived
+            if known is None or known[0] is not self.rules:
+                known = hit.derived = (self.rules, self._performer_of(hit.key, hit, hit.resource, context))
+            performer: Performer = known[1]
+            return performer
+        if isinstance(hit, Entry):
+            return self._performer_of(hit.key, hit, hit.resource, context)
+        return self._performer_of(ref.get("reference") if isinstance(ref, dict) else None, hit, hit, context)
+
+    def _performer_of(self, label: str | None, hit: Entry | Resource | None, resource: Resource | None, context: Entry) -> Performer:
+        """The Performer named `label` a reference resolved to (`hit`: an entry, a contained
+        resource or nothing; `resource`: its JSON)."""
         if not resource:
             return Performer(label, "unknown", None, label)
         concepts: list[Any] = []
@@ -698,11 +717,7 @@ class _Builder:
         value = _object(res.get("period")).get("start")
         _, start, utc = _read_datetime(value) if isinstance(value, str) else (False, None, False)
         if start is not None and start.tzinfo is not None and not utc:
-            offset = start.utcoffset() or timedelta(0)
-            if offset not in self._offset_zones:  # a site's encounters share one or two offsets
-                zone = timezone(offset)
-                self._offset_zones[offset] = zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
-            return self._offset_zones[offset]
+            return _offset_zone(start.utcoffset() or timedelta(0))
         if self._site_zone is not None:
             return self._site_zone, f"{self.rules.time_zone} (the site time zone, site.yaml)"
         return None, ""
@@ -882,7 +897,7 @@ class _Builder:
             if isinstance(ident, dict) and ident.get("value"):
                 identifiers.add(str(ident["value"]))
         display = names[0] if names else None
-        policy = self._policy(sopt, tuple([n.lower() for n in names]), frozenset(identifiers), frozenset(states))
+        policy = self.rules.payer_policy(sopt, tuple([n.lower() for n in names]), frozenset(identifiers), frozenset(states))
         if policy is None:
             return "unknown", display, None
         return policy.key, display or policy.name, policy
@@ -899,38 +914,6 @@ class _Builder:
         states = [str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")]
         self._organizations[id(org)] = (org, (names, identifiers, states))
         return names, identifiers, states
-
-    def _policy(
-        self, sopt: frozenset[str], lowered: tuple[str, ...], identifiers: frozenset[str], states: frozenset[str]
-    ) -> PayerPolicy | None:
-        """The payer policy of a Coverage's type and payer names, identifiers and states: worked
-        out once per partition for each payer, as most coverages name one of a few."""
-        memo = (sopt, lowered, identifiers, states)
-        if memo in self._policies:
-            return self._policies[memo]
-        markets = {m for m in (self.rules.market_of(code) for code in sopt) if m}
-        # A policy belongs to one plan (g0129-rules.md §13): matched by the payer's identifier,
-        # else by name and state, else by name, else by the Coverage's type; among equals the
-        # most specific name wins ("medicare advantage" over "medicare"). A Coverage typed as
-        # another line of business (Medicare Advantage) never takes a commercial policy.
-        best: tuple[int, int, PayerPolicy | None] = (0, 0, None)
-        for policy in self.rules.payers:
-            if markets and policy.market not in markets:
-                continue
-            needle = max((n for n in policy.names if any(n in name for name in lowered)), key=len, default="")
-            score = 0
-            if identifiers & policy.identifiers:
-                score = 4
-            elif needle and policy.states:
-                score = 3 if states & policy.states else 0
-            elif needle:
-                score = 2
-            elif sopt & policy.sopt_codes:
-                score = 1
-            if (score, len(needle)) > best[:2] and score:
-                best = (score, len(needle), policy)
-        self._policies[memo] = best[2]
-        return best[2]
 
     def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
         if claim is not None:

@@ -56,9 +56,12 @@ class Entry:
     `key` is `Type/id` (or the fullUrl for a resource without an id); `base` is the server base
     of the fullUrl, against which the entry's relative references resolve. Both are computed
     once: reference resolution asks for them hundreds of thousands of times in a big replay.
+    `derived` is for a reader to keep what it works out from this resource alone, beside what
+    it depends on besides (the rule tables): a replay's shared resources outlive the groups of
+    patients that refer to them, and what is read from one is read once a run.
     """
 
-    __slots__ = ("resource", "source", "full_url", "type", "id", "key", "base")
+    __slots__ = ("resource", "source", "full_url", "type", "id", "key", "base", "derived")
 
     def __init__(self, resource: Resource, source: str, full_url: str | None = None) -> None:
         self.resource = resource
@@ -72,6 +75,7 @@ class Entry:
         else:
             self.key = full_url or f"{self.type}/@{id(resource)}"
         self.base = _base_of(full_url)
+        self.derived: tuple[object, Any] | None = None
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, source={self.source!r})"

@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -40,6 +40,8 @@ __all__ = [
 # The bundled tables ship inside the package, so a wheel or `pip install .` has them wherever it
 # runs; a site points G0129_MAPPINGS_DIR (or --mappings) at its own copy.
 DEFAULT_MAPPINGS_DIR = Path(str(resources.files("adapter") / "mappings"))
+# payer_policy keeps at most this many answers: the payers of a health system, with room to spare.
+_MAX_POLICIES: Final = 4096
 
 Code = tuple[str, str]  # (system key or full URI, code)
 
@@ -121,6 +123,11 @@ class RuleSet:
     time_zone: str | None  # the site's IANA zone (site.yaml)
     possible_time_zones: tuple[str, ...]
     source_dir: Path = field(default=DEFAULT_MAPPINGS_DIR)
+    # payer_policy's answers: the same few payers come back on Coverage after Coverage, in every
+    # group of a replay, and the answer depends on the tables alone.
+    _policies: dict[tuple[frozenset[str], tuple[str, ...], frozenset[str], frozenset[str]], PayerPolicy | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def system_key(self, uri: str | None) -> str | None:
         """The short key of a code system URI, or the URI itself for a site-local system."""
@@ -138,6 +145,40 @@ class RuleSet:
             if market:
                 return market
         return None
+
+    def payer_policy(
+        self, sopt: frozenset[str], lowered: tuple[str, ...], identifiers: frozenset[str], states: frozenset[str]
+    ) -> PayerPolicy | None:
+        """The payer policy of a Coverage: its type's Source of Payment Typology codes (`sopt`),
+        its payers' names (lower case), identifiers and states."""
+        memo = (sopt, lowered, identifiers, states)
+        if memo in self._policies:
+            return self._policies[memo]
+        markets = {m for m in (self.market_of(code) for code in sopt) if m}
+        # A policy belongs to one plan (g0129-rules.md §13): matched by the payer's identifier,
+        # else by name and state, else by name, else by the Coverage's type; among equals the
+        # most specific name wins ("medicare advantage" over "medicare"). A Coverage typed as
+        # another line of business (Medicare Advantage) never takes a commercial policy.
+        best: tuple[int, int, PayerPolicy | None] = (0, 0, None)
+        for policy in self.payers:
+            if markets and policy.market not in markets:
+                continue
+            needle = max((n for n in policy.names if any(n in name for name in lowered)), key=len, default="")
+            score = 0
+            if identifiers & policy.identifiers:
+                score = 4
+            elif needle and policy.states:
+                score = 3 if states & policy.states else 0
+            elif needle:
+                score = 2
+            elif sopt & policy.sopt_codes:
+                score = 1
+            if (score, len(needle)) > best[:2] and score:
+                best = (score, len(needle), policy)
+        if len(self._policies) >= _MAX_POLICIES:  # a system with thousands of payer spellings
+            self._policies.clear()
+        self._policies[memo] = best[2]
+        return best[2]
 
     def rule(self, rule_id: str) -> RuleInfo:
         for info in self.rules:

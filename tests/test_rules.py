@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
+from adapter.case import Performer, build_cases
 from adapter.decision import Decision
+from adapter.ingest import Index
 from adapter.rules import RULES
 from adapter.ruleset import RuleSet
 
-from .factories import CPT, HCPCS, NUCC, claim_line, decision_of, php_day
+from .factories import CPT, HCPCS, NUCC, claim_line, decision_of, index_of, php_day
 
 
 def findings(decision: Decision, rule: str) -> list[tuple[str, str]]:
@@ -170,6 +172,33 @@ def test_unknown_performer_is_review(ruleset: RuleSet) -> None:
     d = decision_of(r, ruleset)
     assert findings(d, "PERFORMER") == [("review", "Procedure/s1")]
     assert "performer_qualification:Procedure/s1" in d.missing_data
+
+
+def test_a_shared_practitioner_is_read_once_a_run_and_again_under_other_tables(ruleset: RuleSet) -> None:
+    # A replay decides each group of patients over the shared resources (Index.over): what a
+    # therapist is, read from its Practitioner and the tables, is kept on the shared entry.
+    r = php_day()
+    shared = index_of([r.pop("ot"), r.pop("cms"), r.pop("hospital")])
+
+    def performer(rules: RuleSet) -> Performer:
+        group = Index.over(shared)
+        for entry in index_of(r).by_key.values():
+            group.add(entry)
+        (case,) = build_cases(group, rules)
+        return case.sessions[0].performers[0]
+
+    first, again = performer(ruleset), performer(ruleset)
+    assert first.discipline == "OT" and again is first
+    # Tables that read the taxonomy otherwise are not answered from what the first ones read.
+    other = dataclasses.replace(ruleset, ot_prefixes=("225A",))
+    assert performer(other).discipline == "other"
+    assert performer(ruleset).discipline == "OT"
+
+
+def test_a_payer_policy_is_the_tables_answer_whatever_tables_asked_before(ruleset: RuleSet) -> None:
+    assert decision_of(php_day(), ruleset).payer == "medicare"
+    assert decision_of(php_day(), dataclasses.replace(ruleset, payers=())).payer == "unknown"
+    assert decision_of(php_day(), ruleset).payer == "medicare"
 
 
 @pytest.mark.parametrize("bad", [{"system": NUCC, "code": "225X00000X"}, [{"system": {"url": NUCC}, "code": "225X00000X"}]])
