@@ -10,11 +10,11 @@ variety); the rules stay small and pure.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo
 
 from .ingest import Entry, Index
@@ -47,6 +47,7 @@ __all__ = [
 
 Resource = dict[str, Any]
 Code = tuple[str, str]
+_T = TypeVar("_T")
 
 # FHIR R4 dateTime (http://hl7.org/fhir/R4/datatypes.html#dateTime), except that a time without
 # an offset is accepted: EHR exports send them, and the date part is then the local date.
@@ -422,6 +423,15 @@ def _offset_zone(offset: timedelta) -> tuple[tzinfo, str]:
     return zone, f"{_offset_text(zone)} (the offset of Encounter.period)"
 
 
+def _organization(org: Resource) -> tuple[list[str], list[str], list[str]]:
+    """A payer Organization's names, identifiers and states."""
+    names = [str(org["name"])] if org.get("name") else []
+    names.extend(str(a) for a in org.get("alias") or ())
+    identifiers = [str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict)]
+    states = [str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")]
+    return names, identifiers, states
+
+
 def _minutes(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -455,11 +465,11 @@ class _Builder:
         # of a replay, so looking through all of them for each Claim would grow with their square.
         self._review_tasks: dict[str, list[Entry]] = {}
         # Memos of what depends only on the input, which does not change while cases are built:
-        # the same references, Practitioners, payers and documentation come back case after case.
+        # the same references, performers and documentation come back case after case. (What
+        # depends on one resource and the tables alone is kept longer: see `_derived`.)
         self._keys: dict[str, str] = {}
         self._performers: dict[tuple[str, str | None], Performer] = {}
         self._evidence_codes: dict[Entry, frozenset[Code]] = {}
-        self._organizations: dict[int, tuple[Resource, tuple[list[str], list[str], list[str]]]] = {}
         self._doc_types = {ev.resource_type for el in rules.documentation for ev in el.evidence if ev.kind == "resource"}
         self._site_zone = ZoneInfo(rules.time_zone) if rules.time_zone else None
         self._possible_zones = tuple(ZoneInfo(z) for z in rules.possible_time_zones)
@@ -658,11 +668,8 @@ class _Builder:
             # What a Practitioner (or any performer but a role, which names another resource) is
             # depends on it and the tables alone: kept on its entry, it is read once a replay,
             # not once in each group of patients its sessions are decided in.
-            known = hit.derived
-            if known is None or known[0] is not self.rules:
-                known = hit.derived = (self.rules, self._performer_of(hit.key, hit, hit.resource, context))
-            performer: Performer = known[1]
-            return performer
+            entry = hit
+            return self._derived(entry, "performer", lambda: self._performer_of(entry.key, entry, entry.resource, context))
         if isinstance(hit, Entry):
             return self._performer_of(hit.key, hit, hit.resource, context)
         return self._performer_of(ref.get("reference") if isinstance(ref, dict) else None, hit, hit, context)
@@ -885,12 +892,11 @@ class _Builder:
         for ref in coverage.get("payor") or ():
             if not isinstance(ref, dict):
                 continue
-            org = self.index.resolve(ref, context) if context else None
-            if org and org.get("resourceType") == "Organization":
-                org_names, org_identifiers, org_states = self._organization(org)
-                names.extend(org_names)
-                identifiers.update(org_identifiers)
-                states.update(org_states)
+            org = self._payer_organization(ref, context) if context else None
+            if org is not None:
+                names.extend(org[0])
+                identifiers.update(org[1])
+                states.update(org[2])
             if ref.get("display"):
                 names.append(str(ref["display"]))
             ident = ref.get("identifier")
@@ -902,18 +908,28 @@ class _Builder:
             return "unknown", display, None
         return policy.key, display or policy.name, policy
 
-    def _organization(self, org: Resource) -> tuple[list[str], list[str], list[str]]:
-        """A payer Organization's names, identifiers and states, read once: every Coverage of a
-        partition names one of a few payers. Memoised by identity, keeping the resource alive."""
-        known = self._organizations.get(id(org))
-        if known is not None and known[0] is org:
-            return known[1]
-        names = [str(org["name"])] if org.get("name") else []
-        names.extend(str(a) for a in org.get("alias") or ())
-        identifiers = [str(i.get("value")) for i in org.get("identifier") or () if isinstance(i, dict)]
-        states = [str(a.get("state")).upper() for a in org.get("address") or () if isinstance(a, dict) and a.get("state")]
-        self._organizations[id(org)] = (org, (names, identifiers, states))
-        return names, identifiers, states
+    def _payer_organization(self, ref: dict[str, Any], context: Entry) -> tuple[list[str], list[str], list[str]] | None:
+        """The names, identifiers and states of the Organization a Coverage.payor refers to."""
+        hit = self.index.resolve_entry(ref, context)
+        if isinstance(hit, Entry):
+            # Every Coverage names one of a few payers: each is read once a run.
+            org = hit
+            return self._derived(org, "payer", lambda: _organization(org.resource)) if org.type == "Organization" else None
+        if isinstance(hit, dict) and hit.get("resourceType") == "Organization":  # a contained one
+            return _organization(hit)
+        return None
+
+    def _derived(self, entry: Entry, kind: str, read: Callable[[], _T]) -> _T:
+        """What `read()` works out from `entry`'s resource and the tables alone, read once for
+        each tables it is asked under and kept on the entry (see `Entry.derived`)."""
+        facts = entry.derived
+        if facts is None:
+            facts = entry.derived = {}
+        known = facts.get(kind)
+        if known is None or known[0] is not self.rules:
+            known = facts[kind] = (self.rules, read())
+        value: _T = known[1]
+        return value
 
     def diagnosis(self, claim: Entry | None, enc: Entry) -> Diagnosis | None:
         if claim is not None:

@@ -56,9 +56,9 @@ class Entry:
     `key` is `Type/id` (or the fullUrl for a resource without an id); `base` is the server base
     of the fullUrl, against which the entry's relative references resolve. Both are computed
     once: reference resolution asks for them hundreds of thousands of times in a big replay.
-    `derived` is for a reader to keep what it works out from this resource alone, beside what
-    it depends on besides (the rule tables): a replay's shared resources outlive the groups of
-    patients that refer to them, and what is read from one is read once a run.
+    `derived` is for a reader to keep what it works out from this resource alone, by kind, each
+    beside what else it depends on (the rule tables): a replay's shared resources outlive the
+    groups of patients that refer to them, and what is read from one is read once a run.
     """
 
     __slots__ = ("resource", "source", "full_url", "type", "id", "key", "base", "derived")
@@ -75,7 +75,7 @@ class Entry:
         else:
             self.key = full_url or f"{self.type}/@{id(resource)}"
         self.base = _base_of(full_url)
-        self.derived: tuple[object, Any] | None = None
+        self.derived: dict[str, tuple[object, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Entry({self.key!r}, source={self.source!r})"

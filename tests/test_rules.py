@@ -195,6 +195,17 @@ def test_a_shared_practitioner_is_read_once_a_run_and_again_under_other_tables(r
     assert performer(ruleset).discipline == "OT"
 
 
+def test_a_payer_organization_contained_in_the_coverage_names_the_payer(ruleset: RuleSet) -> None:
+    r = php_day()
+    cms = r.pop("cms")
+    r["coverage"]["contained"] = [{**cms, "id": "payer"}]
+    r["coverage"]["payor"] = [{"reference": "#payer"}]
+    del r["coverage"]["type"]  # the payer's name alone says which policy
+    assert decision_of(r, ruleset).payer == "medicare"
+    r["coverage"]["contained"][0]["name"] = "Acme Health Plan"
+    assert decision_of(r, ruleset).payer == "unknown"
+
+
 def test_a_payer_policy_is_the_tables_answer_whatever_tables_asked_before(ruleset: RuleSet) -> None:
     assert decision_of(php_day(), ruleset).payer == "medicare"
     assert decision_of(php_day(), dataclasses.replace(ruleset, payers=())).payer == "unknown"
