@@ -287,7 +287,9 @@ def _bill_type(case: Case, plan: Plan, rules: RuleSet, missing: list[str]) -> li
     prefix = tob[:2]
     if prefix in rules.bill_types_never:
         return [_found(rules, "BILL-TYPE", "never", f"Type of bill {tob} ({prefix}X) is never processed for PHP/IOP.", subject)]
-    allowed = rules.bill_types_allowed.get(case.program or "", frozenset().union(*rules.bill_types_allowed.values()))
+    allowed = rules.bill_types_allowed.get(case.program or "")
+    if allowed is None:  # no program told: any PHP/IOP type of bill (not worked out for every case)
+        allowed = frozenset().union(*rules.bill_types_allowed.values())
     if prefix not in allowed:
         kinds = ", ".join(f"{p}X" for p in sorted(allowed))
         return [_found(rules, "BILL-TYPE", "wrong_for_program", f"Type of bill {tob} does not fit {case.program or 'PHP/IOP'} ({kinds}).", subject)]
