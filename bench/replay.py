@@ -226,9 +226,9 @@ print(f"{sys.version.split()[0]} {os.path.realpath(sys.executable)} ({where})")
 
 def interpreter(python: str) -> str:
     """Which CPython `python` is, and how its libpython is linked. The replay spends its time in
-    the interpreter's dicts and allocator, the naive path in pydantic-core's compiled validators:
-    how the interpreter was built (profile-guided or not, libpython shared or linked in) moves
-    the replay more than the naive path, so a ratio compares with another run's only on the
+    the interpreter's dicts and allocator, the naive path in pydantic-core's validators and the
+    models' Python ones: how the interpreter was built (profile-guided or not, libpython shared
+    or linked in) moves the two unalike, so a ratio compares with another run's only on the
     same interpreter."""
     return subprocess.run([python, "-c", _INTERPRETER], cwd="/", check=True, capture_output=True, text=True).stdout.strip()
 
