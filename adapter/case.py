@@ -669,14 +669,14 @@ class _Builder:
             # depends on it and the tables alone: kept on its entry, it is read once a replay,
             # not once in each group of patients its sessions are decided in.
             entry = hit
-            return self._derived(entry, "performer", lambda: self._performer_of(entry.key, entry, entry.resource, context))
-        if isinstance(hit, Entry):
-            return self._performer_of(hit.key, hit, hit.resource, context)
-        return self._performer_of(ref.get("reference") if isinstance(ref, dict) else None, hit, hit, context)
+            return self._derived(entry, "performer", lambda: self._performer_of(entry, ref, context))
+        return self._performer_of(hit, ref, context)
 
-    def _performer_of(self, label: str | None, hit: Entry | Resource | None, resource: Resource | None, context: Entry) -> Performer:
-        """The Performer named `label` a reference resolved to (`hit`: an entry, a contained
-        resource or nothing; `resource`: its JSON)."""
+    def _performer_of(self, hit: Entry | Resource | None, ref: Any, context: Entry) -> Performer:
+        """The Performer reference `ref` resolved to (`hit`: an entry, a contained resource or
+        nothing)."""
+        resource = hit.resource if isinstance(hit, Entry) else hit
+        label = hit.key if isinstance(hit, Entry) else (ref.get("reference") if isinstance(ref, dict) else None)
         if not resource:
             return Performer(label, "unknown", None, label)
         concepts: list[Any] = []
