@@ -7,14 +7,13 @@ back goes through `validate` first.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from functools import lru_cache
 from typing import Any, Final
 
 from pydantic import ValidationError
 
-from . import jsonio
 from .errors import InvalidResource
 
 __all__ = ["RESOURCE_TYPES", "is_resource_type", "load_claim_models", "validate", "validate_changes"]
@@ -182,51 +181,97 @@ _VARYING: Final[dict[str, Callable[[Any], Any]]] = {
     "sequence": _positive_int,
     "valuePositiveInt": _positive_int,
 }
-_SHAPES: Final[dict[tuple[str, bytes], bool]] = {}  # (model, shape) -> valid
+# What the models said of each shape (`_shape`) they were asked about: valid or not.
+_SHAPES: Final[dict[tuple[Any, ...], bool]] = {}
 _MAX_SHAPES: Final = 4096
 
+# The markers of a shape's structure: objects of their own, which no JSON value equals.
+_OBJECT: Final = object()
+_ARRAY: Final = object()
+_END: Final = object()
 
-def _sample(value: Any) -> Any:
-    """`value` with each varying value replaced by its sample, or None when one is not of its
-    primitive or a list holds a null (the element is then validated as it is, for the model's
-    own message).
 
-    It walks every element we write, so it is written for speed: a scalar is kept without a
-    call, and JSON holds only exact dicts and lists (`type(...) is` is cheaper than isinstance)."""
+def _shape(value: Any, into: list[Any]) -> bool:
+    """Add to `into` the shape of `value` (an element we write): its structure and members, each
+    varying value (`_VARYING`) replaced by its sample, as a flat list of tokens that `_sample`
+    turns back into that element. False when a varying value is not of its primitive, or an
+    array holds a null: the element is then validated as it is, for the model's own message.
+
+    A value that is not a string follows its type, so that 1, 1.0 and true (equal in Python) are
+    told apart; a member's name is always a string. It walks every element we write, so it is
+    written for speed: scalars are added without a call, and JSON holds only exact dicts and
+    lists (`type(...) is` is cheaper than isinstance); a list of tokens, not the sample itself,
+    since building a dict a level and then its JSON as the key cost twice as much."""
     if type(value) is dict:
-        out = {}
+        into.append(_OBJECT)
         for key, item in value.items():
+            into.append(key)
             varying = _VARYING.get(key)
             if varying is not None:
                 item = varying(item)
                 if item is None:
-                    return None
+                    return False
+            if type(item) is str:
+                into.append(item)
             elif type(item) is dict or type(item) is list:
-                item = _sample(item)
-                if item is None:
-                    return None
-            out[key] = item
-        return out
+                if not _shape(item, into):
+                    return False
+            else:
+                into.append(type(item))
+                into.append(item)
+        into.append(_END)
+        return True
     if type(value) is list:
-        items = []
+        into.append(_ARRAY)
         for item in value:
-            if type(item) is dict or type(item) is list:
-                item = _sample(item)
-            if item is None:
-                return None
+            if type(item) is str:
+                into.append(item)
+            elif type(item) is dict or type(item) is list:
+                if not _shape(item, into):
+                    return False
+            elif item is None:
+                return False
+            else:
+                into.append(type(item))
+                into.append(item)
+        into.append(_END)
+        return True
+    if type(value) is not str:
+        into.append(type(value))
+    into.append(value)
+    return True
+
+
+def _sample(tokens: Iterator[Any]) -> Any:
+    """The element whose shape `tokens` goes on with (`_shape`'s), varying values as samples."""
+    token = next(tokens)
+    if token is _OBJECT:
+        members = {}
+        for key in tokens:
+            if key is _END:
+                break
+            members[key] = _sample(tokens)
+        return members
+    if token is _ARRAY:
+        items = []
+        while (item := _sample(tokens)) is not _END:
             items.append(item)
         return items
-    return value
+    if isinstance(token, type):
+        return next(tokens)
+    return token  # a string, or the end of the array being read
 
 
 def _check_element(model_name: str, element: Any, where: str, source: str) -> None:
-    sample = _sample(element)
-    if sample is not None:
-        key = (model_name, jsonio.dumps(sample))
+    tokens: list[Any] = [model_name]
+    if _shape(element, tokens):
+        key = tuple(tokens)
         valid = _SHAPES.get(key)
         if valid is None:
             try:
-                _check(_model(model_name), sample, where, source)
+                shape = iter(key)
+                next(shape)  # the model's name
+                _check(_model(model_name), _sample(shape), where, source)
                 valid = True
             except InvalidResource:
                 valid = False

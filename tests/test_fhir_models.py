@@ -10,7 +10,7 @@ import pytest
 
 from adapter import jsonio
 from adapter.errors import InvalidResource
-from adapter.fhir_models import RESOURCE_TYPES, _string, is_resource_type, validate, validate_changes
+from adapter.fhir_models import RESOURCE_TYPES, _sample, _shape, _string, is_resource_type, validate, validate_changes
 from adapter.vocabulary import DECISION_EXTENSION, LINE_EXTENSION
 
 from .conftest import FIXTURES
@@ -64,6 +64,43 @@ def test_valid_additions_pass_and_agree_with_the_whole_model() -> None:
         changed = with_line(line(f"2025-03-0{n + 4}", 9 + n, f"Encounter/day-{n}"))
         validate_changes(claim(), changed)
         validate(changed)
+
+
+def shape(value: Any) -> tuple[Any, ...] | None:
+    tokens: list[Any] = []
+    return tuple(tokens) if _shape(value, tokens) else None
+
+
+def test_a_shape_stands_for_its_sample_alone() -> None:
+    # Values Python holds equal (1, 1.0, true) and JSON does not are different shapes, and so
+    # are a string and the same text as a member's name or as structure.
+    values: list[Any] = [
+        {"valueInteger": 1},
+        {"valueInteger": 1.0},
+        {"valueInteger": True},
+        {"valueInteger": "1"},
+        {"valueInteger": None},
+        {"valueInteger": [1]},
+        {"valueInteger": {"value": 1}},
+        {"valueInteger": [], "url": "x"},
+        {"valueInteger": ["url", "x"]},
+        [{"a": "b"}],
+        [{"a": {}}, "b"],
+        "valueInteger",
+    ]
+    shapes = [shape(v) for v in values]
+    assert len(set(shapes)) == len(values)
+    for value, tokens in zip(values, shapes):
+        assert tokens is not None and _sample(iter(tokens)) == value  # nothing varying: itself
+
+
+def test_a_shape_is_the_sample_of_its_varying_values() -> None:
+    item = line("2025-03-04", 9, "Encounter/day-1")
+    same = shape(line("2026-12-31", 12, "Encounter/day-2"))
+    assert shape(item) == same
+    assert _sample(iter(same or ())) == line("2000-01-01", 1, "sample")
+    assert shape(line(date="2025-02-30")) is None  # not a date: the element is checked as it is
+    assert shape({**item, "encounter": [{"reference": "Encounter/x"}, None]}) is None
 
 
 @pytest.mark.parametrize("text", ["Encounter/php01-enc", "a b", "", " ", "a\tb\r\n", "a\x0bb", "x\x1c", "\x7f", "café", "a\u00a0b", "\x85"])
