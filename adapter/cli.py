@@ -216,7 +216,7 @@ def _stream(
 
 def _errors(errors: list[InputError], totals: _Run, write: Callable[[str, bytes], None], stderr: IO[str]) -> None:
     totals.errors += len(errors)
-    write("errors", b"".join(jsonio.dumps(error_record(e)) + b"\n" for e in errors))
+    write("errors", b"".join(jsonio.dumps_line(error_record(e)) for e in errors))
     for error in errors:
         stderr.write(f"error: {error}\n")
 

@@ -130,9 +130,10 @@ def _patient_reference(value: Any, local: Mapping[str, str]) -> str | None:
     ref = value.get("reference")
     if not isinstance(ref, str) or not ref or ref.startswith("#"):
         return None
-    hit = local.get(ref)
-    if hit is not None:
-        return hit
+    if local:  # (an NDJSON line has no other entry: not even the reference's hash is needed)
+        hit = local.get(ref)
+        if hit is not None:
+            return hit
     if ref.startswith("urn:"):
         return None  # a Patient entry of another file: not one we can tell
     tail = type_id_tail(ref)

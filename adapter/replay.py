@@ -340,8 +340,8 @@ def _parse(raw: bytes, source: str, errors: list[InputError]) -> Any:
 def part_of(index: Index, run: RunResult, shared: int) -> Part:
     """What a decided group writes and counts."""
     return Part(
-        decisions=b"".join(jsonio.dumps(d.to_json()) + b"\n" for d in run.decisions),
-        claims=b"".join(jsonio.dumps(c.resource) + b"\n" for c in run.claims),
+        decisions=b"".join(jsonio.dumps_line(d.to_json()) for d in run.decisions),
+        claims=b"".join(jsonio.dumps_line(c.resource) for c in run.claims),
         review=review_csv(run.claims),
         errors=run.errors,
         resources=len(index) - shared,

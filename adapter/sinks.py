@@ -60,7 +60,7 @@ class DirectorySink:
 
     def write(self, name: str, record: dict[str, Any]) -> None:
         """One line of `name`.ndjson."""
-        self._files[f"{name}.ndjson"].write(jsonio.dumps(record) + b"\n")
+        self._files[f"{name}.ndjson"].write(jsonio.dumps_line(record))
 
     def write_block(self, name: str, block: bytes) -> None:
         """Append lines already made (a replay partition's results) to the file `name` names:

@@ -49,3 +49,12 @@ def test_what_is_not_json_raises_one_error(bad: bytes | str) -> None:
 def test_dumps_still_refuses_what_is_not_json() -> None:
     with pytest.raises(TypeError):
         jsonio.dumps({"when": object()})
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b'{"total":{"value":125.00,"currency":"USD"}}', b'{"valueDecimal":12345678901234567890123}', b'["a",1,null]'],
+)
+def test_a_line_is_the_json_and_a_line_end(document: bytes) -> None:
+    # Decimals and long integers too (the second pass keeps the line end).
+    assert jsonio.dumps_line(jsonio.loads(document)) == document + b"\n"
