@@ -348,8 +348,9 @@ class Value:
         return f"Value(source={self.source!r}, value={self.value!r})"
 
 
-def line_source(file: str, line: int) -> str:
-    """Where line `line` of the NDJSON file `file` is, as errors and decisions say it."""
+def line_source(file: str, line: int | str) -> str:
+    """Where line `line` (its number, or the number's digits) of the NDJSON file `file` is, as
+    errors and decisions say it."""
     return f"{file}:{line}"
 
 

@@ -92,11 +92,12 @@ def test_a_piece_file_cut_short_is_an_error_never_fewer_records(tmp_path: Path) 
 def test_a_piece_file_changed_under_the_replay_is_an_error(tmp_path: Path) -> None:
     block: list[bytes] = []
     record(block, "claims.ndjson:1", None, b'{"resourceType":"Claim","id":"c1"}')
-    line_record(block, 2, b'{"resourceType":"Claim","id":"c2"}')
+    line_record(block, 12, b'{"resourceType":"Claim","id":"c2"}')
     spill = Spill(1)
     spill.add(piece_path(tmp_path, 0), write_piece(piece_path(tmp_path, 0), {0: block}), "claims.ndjson")
     written = piece_path(tmp_path, 0).read_bytes()
-    for changed in (written.replace(b"\n", b" "), written.replace(b"2\n", b"x\n", 1)):
+    # (The last: a line number of a digit that is not 0-9, "²", in as many bytes.)
+    for changed in (written.replace(b"\n", b" "), written.replace(b"12\n", b"1x\n", 1), written.replace(b"12\n", "²\n".encode(), 1)):
         piece_path(tmp_path, 0).write_bytes(changed)  # the same length, other bytes
         with pytest.raises(OSError, match="changed while the replay ran"):
             spill.read(0)
