@@ -321,7 +321,8 @@ class Case:
         """PHP, IOP or None. What the encounter says wins; the claim's code is checked against it."""
         for programs in (self.encounter_programs, self.claim_programs):
             if len(programs) == 1:
-                return next(iter(programs))
+                for program in programs:  # its one member (`next(iter(...))` is two calls)
+                    return program
         return None
 
     def owns(self, line: ClaimLine) -> bool:
@@ -380,15 +381,30 @@ def _keyed(concept: Any, rules: RuleSet) -> list[Code]:
     return out
 
 
-@lru_cache(maxsize=1 << 14)
+# What `_read_datetime` has read, by the text. A dict of our own, not `lru_cache`: its hit is
+# a dict lookup from compiled code, where calling an lru_cache wrapper (by tp_call, with a tuple
+# of arguments) cost ~600 instructions, and a case reads a dozen times. Emptied when full.
+_DATETIMES: Final[dict[str, tuple[bool, datetime | None, bool]]] = {}
+_MAX_DATETIMES: Final = 1 << 14
+
+
 def _read_datetime(value: str) -> tuple[bool, datetime | None, bool]:
     """(whether `value` is a valid dateTime, the instant when it has a time part, whether that
     instant is given in UTC).
 
-    Cached: a case reads each time several times over (validity, the session length, the local
-    date, overlaps) and parsing it is a good part of building a case. A replay partition's
-    times (some thousands) fit, the cache stays a few MB in a long-lived service, and a datetime
-    is immutable, so sharing one is safe."""
+    Kept (`_DATETIMES`): a case reads each time several times over (validity, the session
+    length, the local date, overlaps) and parsing it is a good part of building a case. A
+    replay partition's times (some thousands) fit, the memo stays a few MB in a long-lived
+    service, and a datetime is immutable, so sharing one is safe."""
+    read = _DATETIMES.get(value)
+    if read is None:
+        if len(_DATETIMES) >= _MAX_DATETIMES:
+            _DATETIMES.clear()
+        read = _DATETIMES[value] = _datetime_of(value)
+    return read
+
+
+def _datetime_of(value: str) -> tuple[bool, datetime | None, bool]:
     if not _DATETIME.match(value):
         return False, None, False
     if "T" not in value:

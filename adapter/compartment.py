@@ -30,8 +30,9 @@ SHARED_TYPES: Final = frozenset(
 )
 
 # The elements naming a resource's patient, by type, from the Patient compartment definition;
-# for a type not listed, the usual names are tried in this order.
-PATIENT_ELEMENTS: Final[Mapping[str, tuple[str, ...]]] = {
+# for a type not listed, the usual names are tried in this order. (A dict, not a Mapping: the
+# compiled routing looks each line's type up in it, with a dict's own lookup.)
+PATIENT_ELEMENTS: Final[dict[str, tuple[str, ...]]] = {
     "Encounter": ("subject",),
     "Procedure": ("subject",),
     "Claim": ("patient",),

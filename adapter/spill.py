@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import io
 import os
-import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from zlib import crc32
 
 import orjson
 
@@ -36,7 +36,7 @@ def bucket(route: str, shards: int, partitions: int, groups: int = 1) -> tuple[i
     """(shard, partition, group) of a route key: stable across runs, processes and machines
     (CRC-32, never Python's `hash`, which differs per process), independent of each other. The
     group is the part of its partition a key is decided with (see `Spill.read`)."""
-    h = zlib.crc32(route.encode())
+    h = crc32(route.encode())
     rest = h // shards
     return h % shards, rest % partitions, (rest // partitions) % groups
 
