@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import adapter.case
 from adapter.case import Performer, build_cases
 from adapter.decision import Decision
 from adapter.ingest import Index
@@ -501,6 +502,19 @@ def test_a_utc_time_is_dated_in_the_site_time_zone(ruleset: RuleSet) -> None:
     d = decision_of(r, dataclasses.replace(ruleset, time_zone="America/New_York"))
     assert [line.service_date for line in d.lines] == ["2025-03-04"]
     assert findings(d, "SERVICE-DATE") == [("info", "Procedure/s1")]
+
+
+def test_a_long_running_service_reads_times_right_with_its_memo_of_them_bounded(ruleset: RuleSet) -> None:
+    # The sidecar runs for weeks: the times it has read are kept (they recur case after case),
+    # in a memo that empties when full instead of growing, and reads the same after it has.
+    site = dataclasses.replace(ruleset, time_zone="America/New_York")
+    r = php_day()
+    _utc_evening(r)
+    before = decision_of(r, site)
+    for minute in range(adapter.case._MAX_DATETIMES + 10):
+        adapter.case._read_datetime(f"2024-01-{1 + minute // 1440:02d}T{minute // 60 % 24:02d}:{minute % 60:02d}:00Z")
+    assert len(adapter.case._DATETIMES) <= adapter.case._MAX_DATETIMES
+    assert decision_of(r, site) == before and [line.service_date for line in before.lines] == ["2025-03-04"]
 
 
 def test_a_utc_time_is_dated_in_the_offset_of_its_encounter(ruleset: RuleSet) -> None:
