@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import string
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -445,7 +446,9 @@ def _rules(doc: t.RulesTable, params: dict[str, Any], path: Path, problems: list
         )
         out.append(
             RuleInfo(
-                id=rule.id,
+                # Interned: a decision looks each rule's function up by its id (`rules.RULES`),
+                # and an interned key is found by identity, not by comparing its characters.
+                id=sys.intern(rule.id),
                 checks=_fill(rule.checks, params, f"{where}.checks", problems),
                 when_violated=when,
                 source=rule.source,
