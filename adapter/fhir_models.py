@@ -146,12 +146,18 @@ def _date_sample(value: str) -> str | None:
     return "2000-01-01"
 
 
+# Bound once: called by name on each string we write, a method is looked up on `str` at each
+# call from compiled code.
+_IS_ASCII: Final = str.isascii
+_IS_PRINTABLE: Final = str.isprintable
+
+
 def _string(value: Any) -> Any:
     if not isinstance(value, str):
         return None
     # Printable ASCII is space or not whitespace, so it matches: nearly every string we write,
     # checked without the pattern (a tenth of validating what we add).
-    return "sample" if value and value.isascii() and value.isprintable() or _STRING.fullmatch(value) else None
+    return "sample" if value and _IS_ASCII(value) and _IS_PRINTABLE(value) or _STRING.fullmatch(value) else None
 
 
 def _positive_int(value: Any) -> Any:

@@ -28,12 +28,15 @@ class JSONDecodeError(ValueError):
 
 
 _DECODER: Final = msgspec.json.Decoder(float_hook=FhirDecimal)
+# Bound once: called by name (`_DECODER.decode(data)`) from compiled code, the method is looked
+# up on its type at each call, and a replay parses every resource.
+_DECODE: Final = _DECODER.decode
 
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raises JSONDecodeError when it is not valid JSON (UTF-8, no NaN, no BOM)."""
     try:
-        return _DECODER.decode(data)
+        return _DECODE(data)
     except msgspec.DecodeError as exc:
         raise JSONDecodeError(str(exc)) from None
     except (UnicodeDecodeError, UnicodeEncodeError) as exc:  # bytes that are not UTF-8, a str with a lone surrogate

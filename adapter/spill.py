@@ -127,12 +127,13 @@ class Spill:
             # on the block: `index` (or `find`) took ~1,200 instructions a call to look itself up
             # and parse its arguments, twice a record, more than all the rest of reading it.
             lines = io.BytesIO(block)
+            readline = lines.readline  # (bound once a block, not looked up once a record)
             try:
                 for header in lines:
                     if header.startswith(b"g"):
                         found = groups.setdefault(int(header[1:]), [])
                         continue
-                    resource = lines.readline()
+                    resource = readline()
                     if not resource.endswith(b"\n"):
                         raise ValueError("no line end where one must be")
                     if header.startswith(b"["):
