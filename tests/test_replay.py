@@ -6,7 +6,7 @@ import errno
 import io
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import orjson
@@ -52,6 +52,21 @@ def test_partitions_decide_as_one_whole_and_workers_write_the_same_bytes(tmp_pat
     assert one["decisions"].count(b"\n") > 50 and one["errors"], "every scenario decided, the invalid ones reported"
     code, two = replay(tmp_path / "two", str(FIXTURES), str(INVALID_FIXTURES), "--workers", "2")
     assert (code, two) == (whole[0], one), "byte for byte, whatever the number of workers"
+
+
+def test_the_summary_counts_what_the_groups_wrote(tmp_path: Path, small_partitions) -> None:
+    """Each group counts its outcomes and findings and a partition adds its groups' up: the
+    summary says what decisions.ndjson holds, however many groups the work was cut into."""
+    stdout = io.StringIO()
+    main(["replay", str(FIXTURES), "--out", str(tmp_path), "--no-progress", "--workers", "1"], stdout=stdout, stderr=io.StringIO())
+    decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
+    outcomes = Counter(d["outcome"] for d in decisions)
+    findings = Counter((f["rule"], f["severity"]) for d in decisions for f in d["findings"])
+    summary = stdout.getvalue()
+    assert f"outcomes: bill {outcomes['bill']}, review {outcomes['review']}, do-not-bill {outcomes['do-not-bill']}\n" in summary
+    by_rule = summary.split("findings by rule:\n")[1].splitlines()
+    said = {(rule, severity): int(n) for rule, counts in (line.split(None, 1) for line in by_rule) for severity, n in (c.split() for c in counts.split(", "))}
+    assert said == findings and len(findings) > 10
 
 
 def test_shards_split_the_patients_between_them(tmp_path: Path, whole, small_partitions) -> None:
