@@ -54,18 +54,23 @@ def test_partitions_decide_as_one_whole_and_workers_write_the_same_bytes(tmp_pat
     assert (code, two) == (whole[0], one), "byte for byte, whatever the number of workers"
 
 
-def test_the_summary_counts_what_the_groups_wrote(tmp_path: Path, small_partitions) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_summary_counts_what_the_groups_wrote(tmp_path: Path, small_partitions, workers: str) -> None:
     """Each group counts its outcomes and findings and a partition adds its groups' up: the
-    summary says what decisions.ndjson holds, however many groups the work was cut into."""
+    summary says what decisions.ndjson holds, however many groups and processes the work took."""
     stdout = io.StringIO()
-    main(["replay", str(FIXTURES), "--out", str(tmp_path), "--no-progress", "--workers", "1"], stdout=stdout, stderr=io.StringIO())
+    main(["replay", str(FIXTURES), "--out", str(tmp_path), "--no-progress", "--workers", workers], stdout=stdout, stderr=io.StringIO())
     decisions = [orjson.loads(line) for line in (tmp_path / "decisions.ndjson").read_bytes().splitlines()]
     outcomes = Counter(d["outcome"] for d in decisions)
     findings = Counter((f["rule"], f["severity"]) for d in decisions for f in d["findings"])
     summary = stdout.getvalue()
     assert f"outcomes: bill {outcomes['bill']}, review {outcomes['review']}, do-not-bill {outcomes['do-not-bill']}\n" in summary
-    by_rule = summary.split("findings by rule:\n")[1].splitlines()
-    said = {(rule, severity): int(n) for rule, counts in (line.split(None, 1) for line in by_rule) for severity, n in (c.split() for c in counts.split(", "))}
+    said: Counter[tuple[str, str]] = Counter()
+    for line in summary.split("findings by rule:\n")[1].splitlines():  # "    DAY-SERVICES    warning 2, info 6"
+        rule, counts = line.split(None, 1)
+        for count in counts.split(", "):
+            severity, n = count.split()
+            said[(rule, severity)] = int(n)
     assert said == findings and len(findings) > 10
 
 
